@@ -1,0 +1,287 @@
+"""Typed run configuration: YAML files in `configs/`, dotted command-line overrides, validation.
+
+A run is described by one YAML file whose top-level sections mirror the pipeline (model, LoRA,
+sampling, rendering, rewards, algorithm, training, tracking). Every section is a pydantic model
+that forbids unknown keys, so a typo, a wrong type or an out-of-range value is rejected before any
+work starts, with a message that names the dotted key, the value and what is allowed (and the
+closest valid key for a typo).
+
+    cfg = load_config("configs/toy.yaml", overrides=["training.lr=1e-4"])
+
+Names follow the reference implementations (nabla_r2d3.md §2, diffusionnft.md §2) where they
+exist, so a reader can map a field to the paper's hyper-parameter table.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which key and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    kind: Literal["tiny", "diffsplat"] = "tiny"
+    # Directory of the base model. Empty for "tiny" means the committed prior in r2d3ray/assets.
+    path: str = ""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # DiffSplat needs float32 softmax in attention when running in bf16 (nabla_r2d3.md §2).
+    fp32_softmax: bool = True
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, ge=1, le=1024)
+    alpha: float | None = Field(None, gt=0, description="None: equal to rank (scale 1), as the reference")
+    init: Literal["gaussian", "default", "zeros"] = "gaussian"
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+            "ff.net.0.proj", "ff.net.2", "proj", "linear", "linear_1", "linear_2",
+        ]
+    )
+
+
+class SamplingConfig(Section):
+    num_steps: int = Field(20, ge=1, le=1000)
+    eta: float = Field(1.0, ge=0.0, le=1.0)
+    guidance_scale: float = Field(5.0, ge=1.0, le=50.0)
+    batch_size: int = Field(4, ge=1, description="prompts per sampling batch per worker")
+    num_batches_per_epoch: int = Field(4, ge=1)
+    group_size: int = Field(1, ge=1, description="samples per prompt (DiffusionNFT's G)")
+
+
+class RenderConfig(Section):
+    size: int = Field(256, ge=8, le=2048)
+    num_views: int = Field(4, ge=1, le=64)
+    random_view: bool = True
+    azi_delta_deg: float = Field(20.0, ge=0.0, le=360.0)
+    elevation_deg: float = Field(0.0, ge=-89.0, le=89.0)
+    elevation_delta_deg: float = Field(10.0, ge=0.0, le=90.0)
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+class RewardTerm(Section):
+    name: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class RewardsConfig(Section):
+    terms: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="color_match")])
+    aggregate: Literal["mean", "max"] = "mean"
+    # Score only k random views of V (the reference's memo_efficient_mode uses 2); 0 = all views.
+    views_per_sample: int = Field(0, ge=0)
+    noise_std: float = Field(2e-3, ge=0.0, le=1.0)
+    # The Serve application the trainer talks to; deployed from `app_config` unless already running.
+    app_name: str = "rewards"
+    app_config: str = "configs/rewards_toy.yaml"
+    grad_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class NablaConfig(Section):
+    reward_scale: float = Field(1e3, gt=0.0, description="beta")
+    reward_adaptive_scaling: Literal["squared", "sqrt", "none"] = "squared"
+    reward_norm_clip: bool = False
+    reward_norm_value: float = Field(1e6, gt=0.0)
+    unet_reg_scale: float = Field(1e3, ge=0.0)
+    timestep_fraction: float = Field(0.4, gt=0.0, le=1.0)
+    trajectories: Literal["stale", "fresh"] = "stale"
+    reward_context: Literal["train", "inference"] = "train"
+    learned_flow: bool = False
+    reverse_loss_scale: float = Field(1.0, ge=0.0)
+    flow_lr: float = Field(1e-3, gt=0.0)
+
+
+class NFTConfig(Section):
+    # Two different betas in the reference; named apart on purpose (diffusionnft.md §1.5).
+    mix_beta: float = Field(1.0, gt=0.0, le=1.0, description="NFT mixing strength (config.beta)")
+    kl_coef: float = Field(1e-4, ge=0.0, description="KL-to-reference weight (config.train.beta)")
+    adv_clip_max: float = Field(5.0, gt=0.0)
+    decay_type: Literal[0, 1, 2] = 1
+    timestep_fraction: float = Field(0.99, gt=0.0, le=1.0)
+
+
+class RewardBackpropConfig(Section):
+    last_k_steps: int = Field(1, ge=1, description="K in DRaFT-K; 1 is ReFL-like")
+
+
+class AlgorithmConfig(Section):
+    name: Literal["nabla", "nft", "reward_backprop"] = "nabla"
+    nabla: NablaConfig = Field(default_factory=NablaConfig)
+    nft: NFTConfig = Field(default_factory=NFTConfig)
+    reward_backprop: RewardBackpropConfig = Field(default_factory=RewardBackpropConfig)
+
+
+class TrainingConfig(Section):
+    lr: float = Field(3e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    epochs: int = Field(100, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    seed: int = 0
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    max_failures: int = Field(1, ge=-1)
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "TrainingConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3 (DeepSpeed offloads parameters only in ZeRO-3)")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class TrackingConfig(Section):
+    # Empty: $MLFLOW_TRACKING_URI if set, else sqlite:///<output_dir>/mlflow.db.
+    tracking_uri: str = ""
+    experiment: str = "r2d3ray"
+    eval_prompts: list[str] = Field(default_factory=list)
+    log_images_every: int = Field(1, ge=1)
+
+
+class PromptsConfig(Section):
+    # A text file (one prompt per line) or a Parquet prompt set; empty = the tiny world's train split.
+    file: str = ""
+    reward_threshold: float | None = None
+    reward_file: str = ""
+
+
+class R2D3Config(Section):
+    name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    output_dir: str = "outputs"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    render: RenderConfig = Field(default_factory=RenderConfig)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to leaf values, for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, sub)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`training.lr=1e-4` -> (["training", "lr"], 1e-4); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.path=value (e.g. training.lr=1e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value {raw!r} is not valid YAML ({err.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise ConfigError(f"override {text!r}: {where} is a value ({child!r}), not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section model inside an annotation such as `NablaConfig` or `list[RewardTerm]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _section_type(arg)) is not None:
+            return found
+    return None
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section model that owns the key at `loc` (for suggesting the closest valid key)."""
+    model: type[BaseModel] | None = R2D3Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # a list index, e.g. rewards.terms.0.name
+        field = model.model_fields.get(part) if model else None
+        model = _section_type(field.annotation) if field else None
+    return model
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in loc) or "<top level>"
+        value = item.get("input")
+        if item["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            valid = sorted(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {'.'.join(str(p) for p in loc[:-1] + (close[0],))!r}?" if close else ""
+            lines.append(f"unknown key {key!r}{hint} (valid keys here: {', '.join(valid)})")
+        elif item["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            # pydantic's message already states what is allowed ("greater than 0", "'nabla', 'nft' ...").
+            lines.append(f"{key} = {value!r}: {item['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> R2D3Config:
+    data = apply_overrides(dict(data or {}), list(overrides or []))
+    try:
+        return R2D3Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> R2D3Config:
+    """Load a YAML config (None: all defaults) and apply `key.path=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file such as configs/toy.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(data).__name__}")
+    return build_config(data, overrides)
