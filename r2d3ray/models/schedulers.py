@@ -205,17 +205,20 @@ class Trajectory:
 
 @torch.no_grad()
 def sample_trajectory(denoise_fn: DenoiseFn, x_T: torch.Tensor, sampler: SDEDPMSolver,
-                      generator: torch.Generator | None = None) -> Trajectory:
+                      generator: torch.Generator | None = None,
+                      eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = None) -> Trajectory:
     """Roll out ``sampler`` from x_T, recording every state and raw network output (no grad).
 
     ``denoise_fn(x_t, t)`` returns the raw output for t a 0-d int64 tensor; classifier-free guidance is
     the caller's (the generator's ``predict_noise``). Replaying ``step_with_score`` on the recorded
-    outputs with ``prev_sample=latents[i+1]`` reproduces the same transitions.
+    outputs with ``prev_sample=latents[i+1]`` reproduces the same transitions. ``eps_fn(output, x_t)``
+    picks ε from a raw output when channels are not on dim 1 (a generator's (B, V, C, h, w) latents).
     """
+    eps_fn = eps_fn or eps_from_output
     latents, outputs = [x_T], []
     for i, t in enumerate(sampler.timesteps):
         output = denoise_fn(latents[-1], t.to(x_T.device))
-        step = sampler.step_with_score(eps_from_output(output, latents[-1]), i, latents[-1], generator=generator)
+        step = sampler.step_with_score(eps_fn(output, latents[-1]), i, latents[-1], generator=generator)
         latents.append(step.prev_sample)
         outputs.append(output)
     return Trajectory(torch.stack(latents), sampler.timesteps.clone(), torch.stack(outputs))
@@ -223,15 +226,15 @@ def sample_trajectory(denoise_fn: DenoiseFn, x_T: torch.Tensor, sampler: SDEDPMS
 
 @torch.no_grad()
 def ode_sample(denoise_fn: DenoiseFn, x_T: torch.Tensor, num_inference_steps: int = 20,
-               **scheduler_config) -> Trajectory:
+               eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = None, **scheduler_config) -> Trajectory:
     """Deterministic DPM-Solver++ (2nd-order multistep, diffusers' own step) from x_T to a clean sample
     (``trajectory.latents[-1]``), for DiffusionNFT data collection and inference. Defaults are the
     PixArt-Σ schedule with diffusers' final sigma 0 (the last step is first order, as diffusers does)."""
+    eps_fn = eps_fn or eps_from_output
     scheduler = _make_scheduler(num_inference_steps, scheduler_config, algorithm_type="dpmsolver++", solver_order=2)
     latents, outputs = [x_T], []
     for t in scheduler.timesteps:
         output = denoise_fn(latents[-1], t.to(x_T.device))
-        eps = eps_from_output(output, latents[-1])
-        latents.append(scheduler.step(eps, t, latents[-1]).prev_sample)
+        latents.append(scheduler.step(eps_fn(output, latents[-1]), t, latents[-1]).prev_sample)
         outputs.append(output)
     return Trajectory(torch.stack(latents), scheduler.timesteps.clone(), torch.stack(outputs))
