@@ -56,9 +56,8 @@ class SamplingConfig(Section):
     num_steps: int = Field(20, ge=1, le=1000)
     eta: float = Field(1.0, ge=0.0, le=1.0)
     guidance_scale: float = Field(5.0, ge=1.0, le=50.0)
-    batch_size: int = Field(4, ge=1, description="prompts per sampling batch per worker")
+    batch_size: int = Field(4, ge=1, description="samples per sampling batch per worker")
     num_batches_per_epoch: int = Field(4, ge=1)
-    group_size: int = Field(1, ge=1, description="samples per prompt (DiffusionNFT's G)")
 
 
 class RenderConfig(Section):
@@ -90,13 +89,18 @@ class RewardsConfig(Section):
 
 
 class NablaConfig(Section):
-    reward_scale: float = Field(1e3, gt=0.0, description="beta")
-    reward_adaptive_scaling: Literal["squared", "sqrt", "none"] = "squared"
+    """Nabla-R2D3 (residual ∇-GFlowNet); names are the reference's config.model.* (nabla_r2d3.md §2)."""
+
+    reward_scale: float = Field(1.0, gt=0.0, description="beta")
+    reward_adaptive_scaling: Literal["squared", "sqrt", "off"] = "squared"
     reward_norm_clip: bool = False
     reward_norm_value: float = Field(1e6, gt=0.0)
     unet_reg_scale: float = Field(1e3, ge=0.0)
     timestep_fraction: float = Field(0.4, gt=0.0, le=1.0)
+    low_var_subsampling: bool = True
+    # "stale": train on the previous epoch's trajectories, as the reference; "fresh": this epoch's.
     trajectories: Literal["stale", "fresh"] = "stale"
+    # "inference": the geometry rewards' depth-derived normals are a stop-gradient target.
     reward_context: Literal["train", "inference"] = "train"
     learned_flow: bool = False
     reverse_loss_scale: float = Field(1.0, ge=0.0)
@@ -104,16 +108,21 @@ class NablaConfig(Section):
 
 
 class NFTConfig(Section):
-    # Two different betas in the reference; named apart on purpose (diffusionnft.md §1.5).
-    mix_beta: float = Field(1.0, gt=0.0, le=1.0, description="NFT mixing strength (config.beta)")
-    kl_coef: float = Field(1e-4, ge=0.0, description="KL-to-reference weight (config.train.beta)")
+    """DiffusionNFT. The reference has two betas; they are named apart on purpose (diffusionnft.md §1.5)."""
+
+    nft_mix_beta: float = Field(1.0, gt=0.0, description="strength of the implicit +/- mix (config.beta)")
+    kl_coef: float = Field(1e-4, ge=0.0, description="weight of the KL to the reference (config.train.beta)")
     adv_clip_max: float = Field(5.0, gt=0.0)
-    decay_type: Literal[0, 1, 2] = 1
     timestep_fraction: float = Field(0.99, gt=0.0, le=1.0)
+    decay_type: Literal[0, 1, 2] = 1
+    group_size: int = Field(4, ge=1, description="samples per prompt (G)")
 
 
 class RewardBackpropConfig(Section):
-    last_k_steps: int = Field(1, ge=1, description="K in DRaFT-K; 1 is ReFL-like")
+    """ReFL / DRaFT-K: the reward is backpropagated through the last K sampling steps."""
+
+    grad_steps: int = Field(1, ge=1, description="K; 1 is ReFL-like")
+    reward_scale: float = Field(1.0, gt=0.0)
 
 
 class AlgorithmConfig(Section):
@@ -232,9 +241,9 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
     """The section model that owns the key at `loc` (for suggesting the closest valid key)."""
-    model: type[BaseModel] | None = R2D3Config
+    model: type[BaseModel] | None = root
     for part in loc[:-1]:
         if isinstance(part, int):
             continue  # a list index, e.g. rewards.terms.0.name
@@ -243,14 +252,14 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err: ValidationError, root: type[BaseModel]) -> str:
     lines = []
     for item in err.errors():
         loc = tuple(item["loc"])
         key = ".".join(str(p) for p in loc) or "<top level>"
         value = item.get("input")
         if item["type"] == "extra_forbidden":
-            owner = _model_at(loc)
+            owner = _model_at(loc, root)
             valid = sorted(owner.model_fields) if owner else []
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f"; did you mean {'.'.join(str(p) for p in loc[:-1] + (close[0],))!r}?" if close else ""
@@ -268,20 +277,89 @@ def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None
     try:
         return R2D3Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_describe(err)) from None
+        raise ConfigError(_describe(err, R2D3Config)) from None
+
+
+def _read_yaml(path: str | Path, what: str, example: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist; pass a YAML file such as {example}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {str(path)!r} must hold a mapping of sections, not {type(data).__name__}")
+    return data
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> R2D3Config:
-    """Load a YAML config (None: all defaults) and apply `key.path=value` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file such as configs/toy.yaml")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(data).__name__}")
+    """Load a YAML run config (None: all defaults) and apply `key.path=value` overrides."""
+    data = _read_yaml(path, "config file", "configs/toy.yaml") if path is not None else {}
     return build_config(data, overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reward plane: a Ray Serve application with one deployment per reward model
+# (configs/rewards*.yaml, read by `r2d3ray serve` and by the trainer when it deploys the app).
+
+
+class AutoscalingConfig(Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class RewardDeploymentConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", description="deployment name and HTTP route /rewards/{name}")
+    reward: str = Field(description="registered reward model, e.g. hpsv2, aesthetic, dnc, color_match")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    max_batch_size: int = Field(8, ge=1, description="@serve.batch: requests merged into one forward")
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0)
+    max_ongoing_requests: int = Field(16, ge=1)
+    health_check_period_s: float = Field(10.0, gt=0.0)
+    health_check_timeout_s: float = Field(30.0, gt=0.0)
+
+
+class HTTPConfig(Section):
+    enabled: bool = True
+    # Loopback unless the config says otherwise: reward endpoints have no authentication.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    max_batch: int = Field(64, ge=1, description="objects per request")
+    max_views: int = Field(16, ge=1)
+    max_image_size: int = Field(1024, ge=8, description="pixels per side")
+    max_body_mb: float = Field(256.0, gt=0.0)
+
+
+class RewardAppConfig(Section):
+    app_name: str = Field("rewards", pattern=r"^[A-Za-z0-9_\-]+$")
+    deployments: list[RewardDeploymentConfig] = Field(min_length=1)
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "RewardAppConfig":
+        names = [d.name for d in self.deployments]
+        if len(set(names)) != len(names):
+            raise ValueError(f"deployment names must be unique, got {names}")
+        return self
+
+
+def load_reward_app_config(path: str | Path, overrides: list[str] | None = None) -> RewardAppConfig:
+    """Load configs/rewards*.yaml (the Serve app) with the same validation as run configs."""
+    data = apply_overrides(_read_yaml(path, "reward app config", "configs/rewards_toy.yaml"), list(overrides or []))
+    try:
+        return RewardAppConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, RewardAppConfig)) from None
