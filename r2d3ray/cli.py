@@ -50,6 +50,30 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from r2d3ray.config import load_config
+    from r2d3ray.train.launch import launch
+
+    cfg = load_config(args.config, args.overrides)
+    result = launch(cfg, address=args.address, dry_run=args.dry_run)
+    if result is not None:
+        print(f"finished {cfg.name!r}; latest checkpoint: {result.checkpoint.path if result.checkpoint else 'none'}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from r2d3ray.config import load_config
+    from r2d3ray.infer import build_pipeline, generate, read_prompt_file, write_outputs
+
+    cfg = load_config(args.config, args.overrides)
+    prompts = read_prompt_file(args.prompts) if args.prompts else [args.prompt]
+    pipe = build_pipeline(cfg, args.lora)
+    latents = generate(pipe, prompts, seed=args.seed)
+    for path in write_outputs(pipe, prompts, latents, args.out, size=args.size):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_bench_render(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from bench_render import main as bench_render_main
@@ -79,6 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--radius", type=float, default=1.4, help="orbit radius (default 1.4, DiffSplat's normalised objects)")
     render.add_argument("--turntable", action="store_true", help="also write a turntable GIF")
     render.set_defaults(func=cmd_render)
+
+    train = sub.add_parser("train", help="align a generator with rewards (Ray Train + DeepSpeed, Serve rewards, MLflow)")
+    _add_config_args(train)
+    train.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    train.add_argument("--dry-run", action="store_true", help="check config, files, resources and reward endpoints; train nothing")
+    train.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser("sample", help="generate splats for prompts: a PLY and a multi-view grid PNG per prompt")
+    _add_config_args(sample)
+    which = sample.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help='one prompt, e.g. "a red cube"')
+    which.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line")
+    sample.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    sample.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    sample.add_argument("--lora", metavar="DIR", help="a LoRA directory (a checkpoint's lora/); default: the base model")
+    sample.add_argument("--size", type=int, default=256, help="grid view size in pixels (default 256)")
+    sample.set_defaults(func=cmd_sample)
 
     bench = sub.add_parser("bench", help="run a benchmark; prints a table and writes JSON")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="NAME")
