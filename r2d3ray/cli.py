@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--size", type=int, default=256, help="grid view size in pixels (default 256)")
     sample.set_defaults(func=cmd_sample)
 
+    from r2d3ray.eval.commands import register as register_eval_commands  # imports _add_config_args from here
+
+    register_eval_commands(sub)
+
     bench = sub.add_parser("bench", help="run a benchmark; prints a table and writes JSON")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="NAME")
     bench_render = bench_sub.add_parser(
