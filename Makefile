@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	@echo "make demo arrives with the distributed trainer (issue 6); see README.md"
+	$(BIN)/r2d3ray demo
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 
-def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--config", required=required, metavar="FILE", help="YAML run config, e.g. configs/toy.yaml")
+def _add_config_args(parser: argparse.ArgumentParser, required: bool = True,
+                     what: str = "YAML run config, e.g. configs/toy.yaml") -> None:
+    parser.add_argument("--config", required=required, metavar="FILE", help=what)
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one config value, e.g. --set training.lr=1e-4 (repeatable)",
@@ -59,6 +60,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result is not None:
         print(f"finished {cfg.name!r}; latest checkpoint: {result.checkpoint.path if result.checkpoint else 'none'}")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from r2d3ray.demo import run_demo
+
+    run_demo(args.config, args.overrides)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from r2d3ray.serve.launch import serve_main
+
+    return serve_main(args.config, args.overrides, args.address)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -109,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     train.add_argument("--dry-run", action="store_true", help="check config, files, resources and reward endpoints; train nothing")
     train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser("demo", help="the embedded default end to end: align the tiny prior, then compare before/after")
+    _add_config_args(demo, required=False)
+    demo.set_defaults(func=cmd_demo, config="configs/toy.yaml")
+
+    serve = sub.add_parser("serve", help="deploy the reward plane (a Ray Serve app) and leave it running for other jobs")
+    _add_config_args(serve, what="YAML reward app config, e.g. configs/rewards_toy.yaml")
+    serve.add_argument("--address", default="auto",
+                       help="'auto': a running cluster (deploy and return; the app stays up), "
+                            "'local': a cluster in this process (blocks until Ctrl-C), or a Ray address")
+    serve.set_defaults(func=cmd_serve)
 
     sample = sub.add_parser("sample", help="generate splats for prompts: a PLY and a multi-view grid PNG per prompt")
     _add_config_args(sample)

@@ -1,0 +1,145 @@
+"""The driver of a training run: connect to Ray, bring up the reward plane, run the TorchTrainer.
+
+    r2d3ray train --config configs/toy.yaml [--set k=v ...] [--dry-run]
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/train.py --config F
+
+Re-running with the same run name resumes from the run's latest checkpoint (Ray Train V2 keys a
+run by `RunConfig(name, storage_path)`), and the MLflow run continues.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from r2d3ray.config import R2D3Config, RewardAppConfig, load_reward_app_config
+
+
+class LaunchError(RuntimeError):
+    """A run that cannot start or did not finish; the message names the component and what to do."""
+
+
+@dataclass
+class Plan:
+    cfg: R2D3Config
+    app: RewardAppConfig
+    storage_path: Path
+    cpus_needed: float
+    gpus_needed: float
+
+    def describe(self) -> str:
+        t, s = self.cfg.training, self.cfg.sampling
+        terms = ", ".join(f"{x.name} x{x.weight:g}" for x in self.cfg.rewards.terms)
+        return "\n".join([
+            f"run {self.cfg.name!r}: {self.cfg.algorithm.name} on the {self.cfg.model.kind} generator "
+            f"({self.cfg.model.path or 'the committed tiny prior'})",
+            f"  {t.num_workers} Ray Train workers ({'GPU' if t.use_gpu else 'CPU'}), DeepSpeed ZeRO-{t.zero_stage}, "
+            f"{t.precision}, lr {t.lr:g}, {t.epochs} epochs of {s.num_batches_per_epoch} x {s.batch_size} samples, "
+            f"{s.num_steps} sampling steps",
+            f"  rewards: {terms} from Serve app {self.app.app_name!r} "
+            f"({len(self.app.deployments)} deployments: {', '.join(d.name for d in self.app.deployments)})",
+            f"  resources: {self.cpus_needed:g} CPUs, {self.gpus_needed:g} GPUs",
+            f"  checkpoints: {self.storage_path / self.cfg.name}",
+            f"  MLflow: {self.cfg.tracking.tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///' + str(Path(self.cfg.output_dir).resolve() / 'mlflow.db')}",
+        ])
+
+
+def make_plan(cfg: R2D3Config) -> Plan:
+    """Check everything that can be checked without a cluster: files, reward names, resources."""
+    from r2d3ray.train.run import TINY_PRIOR_DIR
+
+    app = load_reward_app_config(cfg.rewards.app_config)
+    served = {d.name for d in app.deployments}
+    missing = [t.name for t in cfg.rewards.terms if t.name not in served]
+    if missing:
+        raise LaunchError(f"rewards.terms name {missing}, which the reward app {cfg.rewards.app_config} does not "
+                          f"serve (it serves: {', '.join(sorted(served))}); fix one of the two files")
+    model_dir = Path(cfg.model.path) if cfg.model.path else TINY_PRIOR_DIR
+    if not model_dir.is_dir():
+        raise LaunchError(f"model.path {str(model_dir)!r} is not a directory; "
+                          + ("train the tiny prior with `r2d3ray pretrain`" if cfg.model.kind == "tiny"
+                             else "point model.path at a local DiffSplat checkpoint directory"))
+    t = cfg.training
+    cpus = t.num_workers * t.cpus_per_worker + sum(d.num_cpus * d.num_replicas for d in app.deployments)
+    gpus = t.num_workers * int(t.use_gpu) + sum(d.num_gpus * d.num_replicas for d in app.deployments)
+    return Plan(cfg, app, Path(cfg.output_dir).resolve() / "ray_results", cpus, gpus)
+
+
+def connect_ray(plan: Plan, address: str | None) -> None:
+    """Join a running cluster (address or RAY_ADDRESS), else start a local one sized for the plan."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if not plan.cfg.training.use_gpu else {}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, runtime_env=env or None)
+        return
+    # A local cluster gets logical CPUs for every actor of the plan: the embedded default's two
+    # workers and reward replicas share two physical cores, which is fine for a small demo.
+    ray.init(num_cpus=max(int(plan.cpus_needed + 0.999), os.cpu_count() or 1),
+             num_gpus=torch.cuda.device_count(), include_dashboard=False, runtime_env=env or None)
+
+
+def check_resources(plan: Plan) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    if have.get("CPU", 0) < plan.cpus_needed or have.get("GPU", 0) < plan.gpus_needed:
+        raise LaunchError(
+            f"the cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; the run needs "
+            f"{plan.cpus_needed:g} CPUs and {plan.gpus_needed:g} GPUs (training.num_workers, cpus_per_worker, "
+            f"use_gpu and the reward deployments' num_cpus/num_gpus): lower them or add nodes"
+        )
+
+
+def launch(cfg: R2D3Config, address: str | None = None, dry_run: bool = False):
+    """Run training to the end (or resume it); returns Ray Train's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from r2d3ray.serve.deployments import app_status, deploy_rewards
+    from r2d3ray.train.loop import train_loop_per_worker
+
+    plan = make_plan(cfg)
+    connect_ray(plan, address)
+    check_resources(plan)
+    running = app_status(plan.app.app_name) == "RUNNING"
+    if dry_run:
+        print(plan.describe())
+        print(f"  reward app {plan.app.app_name!r}: {'running, would be reused' if running else 'would be deployed'}")
+        print("dry run: configuration, files and resources are fine; nothing was trained")
+        return None
+    try:
+        deploy_rewards(plan.app, reuse=True)
+    except Exception as err:
+        raise LaunchError(f"reward endpoint: deploying Serve app {plan.app.app_name!r} from "
+                          f"{cfg.rewards.app_config} failed: {err}") from err
+    print(plan.describe(), flush=True)
+
+    t = cfg.training
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+        run_config=RunConfig(name=cfg.name, storage_path=str(plan.storage_path),
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=3)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        latest = _latest_checkpoint(plan.storage_path / cfg.name)
+        component = "reward endpoint" if "reward" in str(err).lower() else "training worker"
+        raise LaunchError(f"{component} failed: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}\n"
+                          f"last checkpoint: {latest or 'none yet'}; re-run the same command to resume from it") from err
+    return result
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted(run_dir.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime) if run_dir.is_dir() else []
+    return found[-1] if found else None

@@ -1,0 +1,32 @@
+"""`train_loop_per_worker`: what every Ray Train worker runs (DESIGN.md's data flow).
+
+It reads like the algorithm; the Ray, DeepSpeed and MLflow plumbing lives in `TrainingRun`, and
+each algorithm's collect/update in `r2d3ray.train.updates`.
+"""
+
+from __future__ import annotations
+
+from r2d3ray.config import R2D3Config
+from r2d3ray.train.run import TrainingRun, local_rank_env
+from r2d3ray.train.updates import UPDATES
+
+
+def train_loop_per_worker(config: dict) -> None:
+    local_rank_env()
+    cfg = R2D3Config.model_validate(config["run"])
+    Updates = UPDATES[cfg.algorithm.name]
+    run = TrainingRun.start(cfg, Updates.micro_steps_per_update, served=config.get("served_rewards", True))
+    algorithm = Updates(run)
+    for epoch in run.remaining_epochs():
+        with run.timer("sample"):
+            data = algorithm.collect()                     # 1 sample with the current (NFT: old) policy
+        samples = 0
+        if data is not None:                               #   (Nabla's first epoch only samples)
+            for batch in algorithm.batches(data):          # 2 transitions / re-noised samples
+                with run.timer("train"):
+                    algorithm.update(batch)                #   loss -> engine.backward -> engine.step
+                samples += len(batch["prompts"]) if isinstance(batch, dict) else len(batch)
+        if hasattr(algorithm, "end_epoch"):
+            algorithm.end_epoch()
+        run.end_epoch(epoch, samples)                      # 3 checkpoint, MLflow, progress line
+    run.finish()

@@ -1,0 +1,250 @@
+"""The plumbing under the train loop: model, DeepSpeed engine, reward plane, MLflow, checkpoints.
+
+`TrainingRun` is what `train_loop_per_worker` talks to, so the loop itself reads like the
+algorithm. One instance per Ray Train worker; rank 0 alone writes MLflow. Everything a resume needs
+(LoRA adapters, DeepSpeed state, the stale trajectories, RNG states, prompt position, MLflow run
+id) goes into every checkpoint (`save_checkpoint`), and `TrainingRun.start` restores it when Ray
+Train hands the worker a checkpoint (a restarted worker, or a re-run under the same run name).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from r2d3ray.config import R2D3Config, load_reward_app_config
+from r2d3ray.eval.prompts import training_prompts
+from r2d3ray.models.lora import add_lora_adapter, load_lora, save_lora, use_adapter
+from r2d3ray.models.pipeline import Rollout, SplatPipeline
+from r2d3ray.render.cameras import default_rig, jittered_rig
+from r2d3ray.tracking import Tracker, git_commit, resolve_tracking_uri
+
+TINY_PRIOR_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_prior"
+
+
+def load_generator(cfg: R2D3Config):
+    """The base model named by `cfg.model`, frozen; LoRA adapters are added by the caller."""
+    if cfg.model.kind == "tiny":
+        from r2d3ray.models.tiny import TinySplatGenerator
+
+        generator = TinySplatGenerator.from_pretrained(cfg.model.path or TINY_PRIOR_DIR)
+    else:
+        from r2d3ray.models.diffsplat import DiffSplatGenerator
+
+        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+        generator = DiffSplatGenerator.from_pretrained(cfg.model.path, torch_dtype=dtype,
+                                                       upcast_softmax=cfg.model.fp32_softmax)
+    return generator.requires_grad_(False)
+
+
+def reward_needs(cfg: R2D3Config) -> frozenset[str]:
+    """Extra render channels the configured rewards read (alphas, depths, normals)."""
+    from r2d3ray.rewards.registry import reward_class
+
+    app = load_reward_app_config(cfg.rewards.app_config)
+    models = {d.name: d.reward for d in app.deployments}
+    return frozenset().union(*(reward_class(models[t.name]).needs for t in cfg.rewards.terms))
+
+
+class TrainingRun:
+    def __init__(self, cfg: R2D3Config, rank: int, world_size: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.epoch, self.global_step = 0, 0
+        self.stale: Rollout | None = None  # the previous epoch's trajectories (Nabla's "stale" mode)
+        self.times: dict[str, float] = {}
+        self.metric_sums: dict[str, list[float]] = {}
+        self.started = time.monotonic()
+        self.rng = torch.Generator().manual_seed(cfg.training.seed * 1000 + rank)
+
+    # ------------------------------------------------------------------ setup
+
+    @classmethod
+    def start(cls, cfg: R2D3Config, micro_steps_per_update, served: bool = True) -> TrainingRun:
+        """Set up this worker; `micro_steps_per_update(run)` gives DeepSpeed's accumulation count."""
+        import ray.train
+
+        ctx = ray.train.get_context()
+        run = cls(cfg, ctx.get_world_rank(), ctx.get_world_size())
+        random.seed(cfg.training.seed + run.rank)
+        np.random.seed(cfg.training.seed + run.rank)
+        torch.manual_seed(cfg.training.seed + run.rank)
+
+        generator = load_generator(cfg)
+        for adapter in ("old", "policy") if cfg.algorithm.name == "nft" else ("policy",):
+            add_lora_adapter(generator.denoiser, adapter, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                             init=cfg.lora.init, target_modules=cfg.lora.target_modules)
+        use_adapter(generator.denoiser, "policy")
+        run.prompt_pool = training_prompts(cfg)
+        run.pipeline = SplatPipeline(generator, cfg.sampling.num_steps, cfg.sampling.eta, cfg.sampling.guidance_scale)
+        run.needs = reward_needs(cfg)
+        run.rewards = run._connect_rewards(served)
+        run.engine = run._deepspeed_engine(micro_steps_per_update(run))
+
+        run.tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir),
+                              cfg.tracking.experiment, active=run.rank == 0)
+        checkpoint = ray.train.get_checkpoint()
+        run_id = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as path:
+                run_id = run._restore(Path(path))
+        run.tracker.start(cfg.name, run_id=run_id, tags={"algorithm": cfg.algorithm.name,
+                                                          "rewards": ",".join(t.name for t in cfg.rewards.terms)})
+        run.tracker.log_params({**cfg.flat(), "git_commit": git_commit(Path(__file__).parent)})
+        return run
+
+    def _connect_rewards(self, served: bool):
+        """The reward plane: the Serve app's deployments (or the same rewards in-process)."""
+        from r2d3ray.rewards.registry import RewardCombiner, build_reward
+        from r2d3ray.serve.client import LocalRewards, RewardPlane, ServedRewards
+
+        r = self.cfg.rewards
+        terms = [(t.name, t.weight) for t in r.terms]
+        if served:
+            client = ServedRewards(r.app_name, terms, grad_dtype=r.grad_dtype)
+        else:
+            app = {d.name: d for d in load_reward_app_config(r.app_config).deployments}
+            client = LocalRewards({name: (build_reward(app[name].reward, **app[name].kwargs), w) for name, w in terms})
+        combiner = RewardCombiner(dict(terms), r.aggregate, r.views_per_sample, r.noise_std,
+                                  seed=self.cfg.training.seed * 1000 + self.rank, needs=self.needs)
+        return RewardPlane(client, combiner)
+
+    def _deepspeed_engine(self, micro_steps_per_update: int):
+        import deepspeed
+
+        from r2d3ray.train.deepspeed_config import build_deepspeed_config
+
+        t = self.cfg.training
+        denoiser = self.pipeline.generator.denoiser
+        params = [p for p in denoiser.parameters() if p.requires_grad]  # the policy adapter only
+        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+        ds_config = build_deepspeed_config(t, self.cfg.sampling.batch_size, micro_steps_per_update)
+        engine, _, _, _ = deepspeed.initialize(model=denoiser, optimizer=optimizer, model_parameters=params,
+                                               config=ds_config)
+        return engine
+
+    # ------------------------------------------------------------------ what the loop calls
+
+    def remaining_epochs(self) -> range:
+        return range(self.epoch, self.cfg.training.epochs)
+
+    def next_prompts(self, n: int) -> list[str]:
+        """n training prompts for this worker, drawn with replacement from the run's seeded generator."""
+        return [self.prompt_pool[i] for i in torch.randint(len(self.prompt_pool), (n,), generator=self.rng).tolist()]
+
+    def reward_cameras(self, batch_size: int):
+        """The views rewards see: random-view jitter (the reference's random_view) or the default rig."""
+        r = self.cfg.render
+        if r.random_view:
+            return jittered_rig(r.num_views, r.size, r.azi_delta_deg, r.elevation_deg, r.elevation_delta_deg,
+                                generator=self.rng, batch_size=batch_size)
+        return default_rig(r.num_views, r.size)
+
+    @contextmanager
+    def timer(self, name: str):
+        """Adds the block's time to `name`, less the time it spent blocked on the reward plane,
+        which goes to "reward_wait" (the split sample / reward wait / train)."""
+        start, waited = time.perf_counter(), self.rewards.wait_seconds
+        try:
+            yield
+        finally:
+            wait = self.rewards.wait_seconds - waited
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start - wait
+            self.times["reward_wait"] = self.times.get("reward_wait", 0.0) + wait
+
+    def record(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.metric_sums.setdefault(key, []).append(float(value))
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One micro-step: DeepSpeed accumulates and steps the optimizer at the boundary."""
+        self.engine.backward(loss)
+        self.engine.step()
+        if self.engine.is_gradient_accumulation_boundary():
+            self.global_step += 1
+
+    def end_epoch(self, epoch: int, samples: int) -> dict[str, float]:
+        """Checkpoint (every `checkpoint_every` epochs), report to Ray Train, log to MLflow, print progress."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        self.epoch = epoch + 1
+        metrics = {k: float(np.mean(v)) for k, v in self.metric_sums.items()}
+        elapsed = sum(self.times.values())
+        metrics.update({f"time/{k}": v for k, v in self.times.items()})
+        metrics.update({"epoch": epoch, "global_step": self.global_step, "samples_per_second": samples / max(elapsed, 1e-9),
+                        "lr": self.engine.get_lr()[0]})
+        if self.engine.get_global_grad_norm() is not None:
+            metrics["grad_norm"] = float(self.engine.get_global_grad_norm())
+        self.metric_sums, self.times = {}, {}
+
+        if self.epoch % self.cfg.training.checkpoint_every == 0 or self.epoch == self.cfg.training.epochs:
+            with tempfile.TemporaryDirectory() as tmp:
+                self._save(Path(tmp))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+        # Logged after the checkpoint: a worker killed in between redoes the epoch without a duplicate step.
+        self.tracker.log_metrics(metrics, step=epoch)
+        if self.rank == 0:
+            per_epoch = (time.monotonic() - self.started) / max(self.epoch - self._first_epoch, 1)
+            left = per_epoch * (self.cfg.training.epochs - self.epoch)
+            reward = metrics.get("reward/mean", float("nan"))
+            print(f"[r2d3ray] epoch {self.epoch}/{self.cfg.training.epochs} reward {reward:.4f} "
+                  f"loss {metrics.get('loss', float('nan')):.4g} | {per_epoch:.1f} s/epoch, ETA {left:.0f} s", flush=True)
+        return metrics
+
+    def finish(self) -> None:
+        self.tracker.end()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    _first_epoch = 0
+
+    def _save(self, path: Path) -> None:
+        """Every rank writes its part; Ray Train merges the directories into one checkpoint."""
+        denoiser = self.pipeline.generator.denoiser
+        self.engine.save_checkpoint(str(path / "deepspeed"), tag="engine", exclude_frozen_parameters=True)
+        torch.save({"rng": self.rng.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                    "python": random.getstate(), "stale": self.stale}, path / f"worker_state_rank{self.rank}.pt")
+        if self.rank == 0:
+            save_lora(denoiser, path / "lora", adapter="policy")  # loadable by diffusers/peft as it is
+            if "old" in denoiser.peft_config:
+                save_lora(denoiser, path / "lora_old", adapter="old")
+            (path / "state.json").write_text(json.dumps({
+                "epoch": self.epoch, "global_step": self.global_step, "mlflow_run_id": self.tracker.run_id,
+                "config": self.cfg.model_dump(mode="json"),
+            }, indent=1))
+        use_adapter(denoiser, "policy")
+
+    def _restore(self, path: Path) -> str | None:
+        state = json.loads((path / "state.json").read_text())
+        denoiser = self.pipeline.generator.denoiser
+        if (path / "lora_old").is_dir():
+            load_lora(denoiser, path / "lora_old", adapter="old")
+        load_lora(denoiser, path / "lora", adapter="policy")
+        self.engine.load_checkpoint(str(path / "deepspeed"), tag="engine", load_module_strict=False)
+        worker = torch.load(path / f"worker_state_rank{self.rank}.pt", weights_only=False)
+        self.rng.set_state(worker["rng"])
+        torch.set_rng_state(worker["torch"])
+        np.random.set_state(worker["numpy"])
+        random.setstate(worker["python"])
+        self.stale = worker["stale"]
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self._first_epoch = self.epoch
+        if self.rank == 0:
+            print(f"[r2d3ray] resumed from {path} at epoch {self.epoch}", flush=True)
+        return state["mlflow_run_id"]
+
+
+def local_rank_env() -> None:
+    """DeepSpeed on CPU needs its accelerator named before import."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -1,0 +1,224 @@
+"""One class per alignment algorithm: how it collects data, batches it, and updates the policy.
+
+Each class binds an algorithm's loss (r2d3ray/algorithms) to the generator, sampler, renderer
+and reward plane of a `TrainingRun`. The loss code never sees Ray: rewards and their image
+gradients come back from `run.rewards` as tensors, and pushing a gradient back through renderer,
+decoder and policy is a local `torch.autograd.grad`.
+
+Reward requests overlap with compute: Nabla sends the render of x̂0(x_{t-1}) to the reward plane
+first and computes the reference and policy scores while the reward is in flight; NFT sends each
+sampling batch's renders and samples the next batch meanwhile.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from r2d3ray.algorithms.nabla import NablaR2D3, pull_back, render_at_x0, transition_scores
+from r2d3ray.algorithms.nft import DiffusionNFT, old_policy_decay, optimality_probability, soft_update_
+from r2d3ray.algorithms.reward_backprop import RewardBackprop
+from r2d3ray.algorithms.subsampling import num_train_steps
+from r2d3ray.models.lora import adapter_parameters, adapters_disabled, use_adapter
+from r2d3ray.models.pipeline import Rollout
+from r2d3ray.models.schedulers import predict_x0
+
+
+def _log_rewards(run, out, prefix: str = "reward") -> None:
+    run.record({f"{prefix}/mean": out.rewards.mean(), f"{prefix}/std": out.rewards.std(unbiased=False)})
+    for name, per_view in out.components.items():
+        run.record({f"{prefix}/{name}": per_view.nanmean()})
+
+
+def _stack_views(views: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+    return torch.cat([views[k] for k in keys], dim=2)  # (B, V, sum of channels, H, W)
+
+
+class NablaUpdates:
+    """Nabla-R2D3: residual ∇-DB on sampled transitions with the forward-looking reward gradient."""
+
+    def __init__(self, run):
+        self.run, self.cfg = run, run.cfg.algorithm.nabla
+        self.algo = NablaR2D3(self.cfg)
+        self.n_transitions = num_train_steps(run.cfg.sampling.num_steps, self.cfg.timestep_fraction)
+
+    @staticmethod
+    def micro_steps_per_update(run) -> int:
+        return run.cfg.training.gradient_accumulation_steps * num_train_steps(
+            run.cfg.sampling.num_steps, run.cfg.algorithm.nabla.timestep_fraction)
+
+    def collect(self) -> Rollout | None:
+        """This epoch's trajectories from the current policy; returns those to train on (stale or fresh)."""
+        run, s = self.run, self.run.cfg.sampling
+        rollout = Rollout.cat([run.pipeline.sample(run.next_prompts(s.batch_size), run.rng)
+                               for _ in range(s.num_batches_per_epoch)])
+        with torch.no_grad():
+            views = run.pipeline.render(rollout.final, run.reward_cameras(len(rollout)), run.needs)
+        _log_rewards(run, run.rewards.submit(views, rollout.prompts, with_grad=False).result())
+        if self.cfg.trajectories == "fresh":
+            return rollout
+        train_on, run.stale = run.stale, rollout
+        return train_on  # None in the first epoch: the reference's epoch −1 only samples
+
+    def batches(self, rollout: Rollout):
+        order = torch.randperm(len(rollout), generator=self.run.rng)
+        size = self.run.cfg.sampling.batch_size
+        for start in range(0, len(rollout), size):
+            yield rollout.select(order[start:start + size])
+
+    def update(self, batch: Rollout) -> None:
+        run, pipe = self.run, self.run.pipeline
+        gen, sampler = pipe.generator, pipe.sampler
+        embeds = gen.encode_prompts(batch.prompts)
+        guidance = run.cfg.sampling.guidance_scale
+        B = len(batch)
+        steps = self.algo.transition_steps(B, sampler.num_inference_steps, run.rng)  # (B, n), final step first
+        rows = torch.arange(B)
+        for k in range(steps.shape[1]):
+            idx = steps[:, k]
+            x_t, x_prev = batch.latents[rows, idx], batch.latents[rows, idx + 1]  # (B, V, C, h, w)
+            t, t_prev = batch.timesteps[idx], sampler.prev_timesteps[idx]
+
+            # 1. Forward-looking reward gradient at x_{t-1}: render x̂0_θ(x_{t-1}), send it, keep computing.
+            def x0_policy(x):  # adapters on, the network's Jacobian kept (as the reference)
+                return predict_x0(gen.eps_from_output(gen.predict(x, t_prev, embeds, guidance)), x, t_prev,
+                                  sampler.alphas_cumprod)
+
+            x_leaf, views = render_at_x0(x_prev, x0_policy, lambda x0: pipe.render(x0, run.reward_cameras(B), run.needs))
+            if self.cfg.reward_context == "inference" and "depths" in views:
+                views["depths"] = views["depths"].detach()  # depth-derived normals: a stop-gradient target
+            pending = run.rewards.submit({k: v.detach() for k, v in views.items()}, batch.prompts, with_grad=True)
+
+            # 2. Reference score (adapters off) and policy score (with grad) of the sampled transition.
+            with torch.no_grad(), adapters_disabled(gen.denoiser):
+                eps_ref = gen.eps_from_output(gen.predict(x_t, t, embeds, guidance))
+            score_ref = transition_scores(sampler, eps_ref, idx, x_t, x_prev).score
+            out_policy = gen.predict(x_t, t, embeds, guidance)
+            score_policy = transition_scores(sampler, gen.eps_from_output(out_policy), idx, x_t, x_prev).score
+
+            # 3. Pull the reward plane's image gradient back to x_{t-1} through renderer and x̂0 (local).
+            result = pending.result()
+            grads = {"images": result.grads, **result.extra_grads}
+            differentiable = [k for k in grads if views[k].requires_grad]
+            reward_grad = pull_back(x_leaf, [views[k] for k in differentiable], [grads[k] for k in differentiable])
+            trusted = result.finite.to(reward_grad.dtype)  # NaN/Inf rewards are never trained on
+            reward_grad = reward_grad * trusted.view(-1, *[1] * (reward_grad.ndim - 1))
+
+            loss, terms = self.algo.loss(score_policy, score_ref, reward_grad, sampler.alphas_cumprod_at(t_prev),
+                                         out_policy, batch.outputs[rows, idx])
+            run.step(loss)
+            run.record(terms)
+
+
+class NFTUpdates:
+    """DiffusionNFT: CFG-free ODE samples from the old policy, negative-aware loss on re-noised samples."""
+
+    def __init__(self, run):
+        self.run, self.cfg = run, run.cfg.algorithm.nft
+        self.algo = DiffusionNFT(self.cfg)
+
+    @staticmethod
+    def micro_steps_per_update(run) -> int:
+        return run.cfg.training.gradient_accumulation_steps * num_train_steps(
+            run.cfg.sampling.num_steps, run.cfg.algorithm.nft.timestep_fraction)
+
+    def collect(self) -> dict:
+        """Groups of G samples per prompt from the old policy; rewards requested while the next batch samples."""
+        run, s = self.run, self.run.cfg.sampling
+        gen = run.pipeline.generator
+        per_batch = max(s.batch_size // self.cfg.group_size, 1)
+        clean, prompts, pendings = [], [], []
+        with use_adapter(gen.denoiser, "old"):
+            for _ in range(s.num_batches_per_epoch):
+                group_prompts = [p for p in run.next_prompts(per_batch) for _ in range(self.cfg.group_size)]
+                x0 = run.pipeline.sample_ode(group_prompts, run.rng, guidance_scale=1.0)  # CFG-free
+                with torch.no_grad():
+                    views = run.pipeline.render(x0, run.reward_cameras(len(x0)), run.needs)
+                pendings.append(run.rewards.submit(views, group_prompts, with_grad=False))
+                clean.append(x0)
+                prompts += group_prompts
+        results = [p.result() for p in pendings]
+        rewards = torch.cat([r.rewards for r in results])
+        finite = torch.cat([r.finite for r in results])
+        for r in results:
+            _log_rewards(run, r)
+        r_opt = optimality_probability(torch.where(finite, rewards, rewards[finite].mean()), prompts,
+                                       self.cfg.adv_clip_max)[0]
+        keep = finite.nonzero().squeeze(1)  # NaN/Inf rewards are never trained on
+        return {"clean": torch.cat(clean)[keep], "r": r_opt[keep], "prompts": [prompts[i] for i in keep.tolist()]}
+
+    def batches(self, data: dict):
+        order = torch.randperm(len(data["prompts"]), generator=self.run.rng)
+        size = self.run.cfg.sampling.batch_size
+        for start in range(0, len(order), size):
+            idx = order[start:start + size]
+            yield {"clean": data["clean"][idx], "r": data["r"][idx], "prompts": [data["prompts"][i] for i in idx.tolist()]}
+
+    def update(self, batch: dict) -> None:
+        run = self.run
+        gen, sampler = run.pipeline.generator, run.pipeline.sampler
+        embeds = gen.encode_prompts(batch["prompts"])
+        x0 = batch["clean"]
+        steps = self.algo.transition_steps(len(x0), sampler.num_inference_steps, run.rng)  # (B, n)
+        for k in range(steps.shape[1]):
+            t = sampler.timesteps[steps[:, k]]
+            noise = torch.randn(x0.shape, generator=run.rng)
+            x_t = sampler.add_noise(x0, noise, t)
+            with torch.no_grad():
+                with use_adapter(gen.denoiser, "old"):
+                    eps_old = gen.eps_from_output(gen.predict(x_t, t, embeds))
+                with adapters_disabled(gen.denoiser):
+                    eps_ref = gen.eps_from_output(gen.predict(x_t, t, embeds)) if self.cfg.kl_coef > 0 else None
+            eps_policy = gen.eps_from_output(gen.predict(x_t, t, embeds))
+            loss, terms = self.algo.loss(eps_policy, eps_old, eps_ref, x_t, x0, sampler.alphas_cumprod_at(t), batch["r"])
+            run.step(loss)
+            run.record(terms)
+
+    def end_epoch(self) -> None:
+        """The old (behaviour) policy follows the trained one with the reference's decay schedule."""
+        denoiser = self.run.pipeline.generator.denoiser
+        policy, old = adapter_parameters(denoiser, "policy"), adapter_parameters(denoiser, "old")
+        decay = old_policy_decay(self.run.global_step, self.cfg.decay_type)
+        soft_update_([old[k] for k in policy], [policy[k] for k in policy], decay)
+        self.run.record({"old_policy_decay": decay})
+
+
+class RewardBackpropUpdates:
+    """ReFL / DRaFT-K: the reward gradient through the last K sampling steps."""
+
+    def __init__(self, run):
+        self.run, self.cfg = run, run.cfg.algorithm.reward_backprop
+        self.algo = RewardBackprop(self.cfg)
+
+    @staticmethod
+    def micro_steps_per_update(run) -> int:
+        return run.cfg.training.gradient_accumulation_steps
+
+    def collect(self) -> list[list[str]]:
+        s = self.run.cfg.sampling
+        return [self.run.next_prompts(s.batch_size) for _ in range(s.num_batches_per_epoch)]
+
+    def batches(self, prompt_batches):
+        yield from prompt_batches
+
+    def update(self, prompts: list[str]) -> None:
+        run, pipe = self.run, self.run.pipeline
+        gen, sampler = pipe.generator, pipe.sampler
+        embeds = gen.encode_prompts(prompts)
+        x = pipe.initial_noise(len(prompts), run.rng)
+        T = sampler.num_inference_steps
+        for i, t in enumerate(sampler.timesteps):
+            with torch.set_grad_enabled(self.algo.grad_enabled(i, T)):
+                eps = gen.eps_from_output(gen.predict(x, t, embeds, run.cfg.sampling.guidance_scale))
+                x = self.algo.step(sampler, eps, i, x, run.rng)
+        views = pipe.render(x, run.reward_cameras(len(prompts)), run.needs)
+        result = run.rewards.submit({k: v.detach() for k, v in views.items()}, prompts, with_grad=True).result()
+        _log_rewards(run, result)
+        keys = ["images", *sorted(result.extra_grads)]
+        trusted = result.finite.to(result.grads.dtype).view(-1, 1, 1, 1, 1)  # NaN/Inf: not trained on
+        grads = _stack_views({"images": result.grads, **result.extra_grads}, keys) * trusted
+        loss, terms = self.algo.loss(_stack_views(views, keys), torch.nan_to_num(result.rewards), grads)
+        run.step(loss)
+        run.record(terms)
+
+
+UPDATES = {"nabla": NablaUpdates, "nft": NFTUpdates, "reward_backprop": RewardBackpropUpdates}

@@ -1,0 +1,181 @@
+"""The distributed trainer end to end (issue 6): real Ray, Serve, Ray Train with 2 CPU workers,
+DeepSpeed ZeRO-2 and MLflow, on a tiny untrained generator so each run takes seconds of compute.
+
+One local Ray instance serves the whole module. The reward app is deployed by the trainer itself
+(and reused by later runs), as a user's `r2d3ray train` does.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+import yaml
+
+from r2d3ray.config import load_config
+from r2d3ray.models.tiny import TinySplatGenerator
+from r2d3ray.train.launch import LaunchError, launch
+
+pytestmark = pytest.mark.slow
+
+APP = "test_train_rewards"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model = root / "tiny"
+    TinySplatGenerator.from_config({"resolution": 16, "num_layers": 1, "attention_head_dim": 16}).save_pretrained(model)
+    app = {
+        "app_name": APP,
+        "deployments": [
+            {"name": "color_match", "reward": "color_match", "num_cpus": 0},
+            {"name": "dnc", "reward": "dnc", "num_cpus": 0, "num_replicas": 2},
+        ],
+        "http": {"enabled": False},
+    }
+    (root / "rewards.yaml").write_text(yaml.safe_dump(app))
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    yield root, model
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def make_cfg(workspace, name: str, algorithm: str, *extra: str):
+    root, model = workspace
+    return load_config("configs/toy.yaml", [
+        f"name={name}", f"output_dir={root / 'out'}", f"model.path={model}",
+        f"rewards.app_name={APP}", f"rewards.app_config={root / 'rewards.yaml'}",
+        "sampling.num_steps=4", "sampling.batch_size=2", "sampling.num_batches_per_epoch=1",
+        "render.size=16", "training.epochs=2", f"algorithm.name={algorithm}",
+        "algorithm.nft.group_size=2", "algorithm.nabla.trajectories=fresh", *extra,
+    ])
+
+
+def mlflow_runs(cfg) -> list:
+    mlflow.set_tracking_uri(f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}")
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    return mlflow.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{cfg.name}'", output_format="list")
+
+
+def epoch_history(cfg) -> list[int]:
+    (run,) = mlflow_runs(cfg)
+    return sorted(int(m.step) for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "epoch"))
+
+
+@pytest.mark.parametrize("algorithm", ["nabla", "nft", "reward_backprop"])
+def test_each_algorithm_trains_and_checkpoints(workspace, algorithm):
+    cfg = make_cfg(workspace, f"run-{algorithm}", algorithm,
+                   "rewards.terms=[{name: color_match, weight: 1.0}, {name: dnc, weight: 0.1}]")
+    result = launch(cfg)
+    ckpt = Path(result.checkpoint.path)
+    assert (ckpt / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (ckpt / "lora_old").is_dir() == (algorithm == "nft")
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["epoch"] == 2
+    assert epoch_history(cfg) == [0, 1]
+    (run,) = mlflow_runs(cfg)
+    metrics = run.data.metrics
+    assert "reward/mean" in metrics and "time/sample" in metrics and "loss" in metrics
+    assert run.data.params["algorithm.name"] == algorithm
+
+
+def test_rerun_with_same_name_resumes_the_same_mlflow_run(workspace):
+    cfg = make_cfg(workspace, "resume-me", "nabla")
+    launch(cfg)
+    (first,) = mlflow_runs(cfg)
+    longer = make_cfg(workspace, "resume-me", "nabla", "training.epochs=3")
+    result = launch(longer)
+    (again,) = mlflow_runs(longer)
+    assert again.info.run_id == first.info.run_id
+    assert epoch_history(longer) == [0, 1, 2]  # epochs 0-1 were not redone
+    assert json.loads((Path(result.checkpoint.path) / "state.json").read_text())["epoch"] == 3
+
+
+def _kill_when(predicate, kill, timeout=240.0) -> threading.Thread:
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                kill()
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _actor_pids(title_fragment: str) -> list[int]:
+    """PIDs of live Ray actor processes whose title (ray::<Class>...) contains the fragment.
+    Process titles need no dashboard, which these tests run without."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith("ray::") and title_fragment in title:
+            found.append(proc.info["pid"])
+    return found
+
+
+def _kill(pid: int) -> None:
+    import os
+    import signal
+
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_killed_worker_restarts_from_checkpoint_with_one_mlflow_run(workspace):
+    cfg = make_cfg(workspace, "killed-worker", "nabla", "training.epochs=4", "training.max_failures=2")
+    run_dir = Path(cfg.output_dir).resolve() / "ray_results" / cfg.name
+    killed = []
+
+    def kill_a_worker():
+        workers = _actor_pids("RayTrainWorker")
+        if workers:
+            _kill(workers[0])
+            killed.append(workers[0])
+
+    watcher = _kill_when(lambda: any(run_dir.glob("checkpoint_*")), kill_a_worker)
+    result = launch(cfg)
+    watcher.join(timeout=1)
+    assert killed, "the test never found a worker to kill"
+    assert json.loads((Path(result.checkpoint.path) / "state.json").read_text())["epoch"] == 4
+    assert epoch_history(cfg) == [0, 1, 2, 3]  # one MLflow run, no epoch logged twice
+
+
+def test_reward_replica_killed_mid_training_does_not_stop_training(workspace):
+    cfg = make_cfg(workspace, "killed-replica", "nabla", "training.epochs=3",
+                   "rewards.terms=[{name: dnc, weight: 1.0}]")
+    killed = []
+
+    def kill_replica():
+        replicas = _actor_pids(f"ServeReplica:{APP}:dnc")
+        if replicas:
+            _kill(replicas[0])
+            killed.append(replicas[0])
+
+    started = time.monotonic()
+    watcher = _kill_when(lambda: time.monotonic() - started > 8, kill_replica)
+    result = launch(cfg)
+    watcher.join(timeout=1)
+    assert killed
+    assert json.loads((Path(result.checkpoint.path) / "state.json").read_text())["epoch"] == 3
+
+
+def test_dry_run_trains_nothing_and_bad_reward_name_is_named(workspace, capsys):
+    cfg = make_cfg(workspace, "dry", "nabla")
+    assert launch(cfg, dry_run=True) is None
+    assert "dry run" in capsys.readouterr().out
+    assert not (Path(cfg.output_dir).resolve() / "ray_results" / "dry").exists()
+    bad = make_cfg(workspace, "dry", "nabla", "rewards.terms=[{name: hps}]")
+    with pytest.raises(LaunchError, match=r"\['hps'\].*does not serve"):
+        launch(bad, dry_run=True)
