@@ -149,7 +149,8 @@ class ServedRewards:
         import ray
 
         images_ref = ray.put(images.detach().float().cpu().contiguous().numpy())
-        extras_ref = ray.put({k: v.detach().float().cpu().contiguous().numpy() for k, v in (extras or {}).items()})
+        extras = {k: v.detach().float().cpu().contiguous().numpy() for k, v in (extras or {}).items()}
+        extras_ref = ray.put(extras) if extras else {}  # nothing to share: no object-store round trip
         args = (images_ref, list(prompts), extras_ref, with_grad, self.grad_dtype)
         return PendingRewards(self, args, {n: h.score.remote(*args) for n, h in self.handles.items()})
 
@@ -199,8 +200,9 @@ class RewardPlane:
 
     The config's view selection (k of V), scoring noise, weights and mean/max over views are the
     `RewardCombiner`'s, the same code in-process rewards use; the terms are scored by `client`
-    (`ServedRewards` on the Serve plane, or `LocalRewards`). `wait_seconds` adds up the time spent
-    blocked on answers, the part of reward compute that did not overlap with training.
+    (`ServedRewards` on the Serve plane, or `LocalRewards`). `wait_seconds` adds up the time the
+    trainer spent blocked on the plane (sending, and waiting for answers): for served rewards the
+    part of reward compute that did not overlap with training, in-process all of it.
     """
 
     def __init__(self, client, combiner):
@@ -211,5 +213,7 @@ class RewardPlane:
         """views: images (B, V, 3, H, W) plus the extras the rewards need (alphas, depths, normals)."""
         extras = {k: v for k, v in views.items() if k != "images"}
         selection = self.combiner.select(views["images"].detach(), prompts, {k: v.detach() for k, v in extras.items()})
+        start = time.perf_counter()  # in-process rewards compute here; served ones only put and send
         pending = self.client.submit(selection.images, prompts, selection.extras, with_grad=with_grad)
+        self.wait_seconds += time.perf_counter() - start
         return PendingObjective(self, selection, pending, with_grad)

@@ -1,0 +1,328 @@
+"""The reward plane on a real local Ray with Serve on loopback: handles, HTTP, Train workers, faults.
+
+One module-scoped app is deployed once: the embedded default's rewards (configs/rewards_toy.yaml)
+plus `probe`, a test-only reward registered below (NaN on chosen views, a little compute time so
+requests stay in flight), with 2 replicas for the fault test. Every answer is compared with the
+same reward computed in this process.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import pickle
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ray
+from ray import serve
+from r2d3ray.config import RewardDeploymentConfig, load_reward_app_config
+from r2d3ray.models.world import all_prompts
+from r2d3ray.rewards import RewardModel, available_rewards, build_reward, register_reward
+from r2d3ray.serve.client import LocalRewards, RewardPlaneError, ServedRewards
+from r2d3ray.serve.deployments import app_status, deploy_rewards
+from r2d3ray.serve.http import encode_npy
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY_TERMS = [("color_match", 1.0), ("colorfulness", 0.5), ("dnc", 2.0)]
+PROBE_NAN_VIEWS = [1]
+
+
+@register_reward("serve_probe")
+class ProbeReward(RewardModel):
+    """Test-only: mean brightness of each view, NaN on `nan_views`; `delay_s` keeps a request in flight."""
+
+    name = "serve_probe"
+
+    def __init__(self, nan_views: list[int] = (), delay_s: float = 0.0):
+        super().__init__()
+        self.nan_views, self.delay_s = list(nan_views), delay_s
+
+    def forward(self, images, prompts, extras):
+        time.sleep(self.delay_s)  # stands in for a model's compute time; no compute is measured here
+        scale = torch.ones(images.shape[1], dtype=images.dtype)
+        scale[[v for v in self.nan_views if v < len(scale)]] = float("nan")
+        return images.mean((2, 3, 4)) * scale  # (B, V)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sample_batch(b: int = 2, v: int = 3, size: int = 32, seed: int = 0):
+    """Images (B, V, 3, H, W) in [0, 1], world prompts, and the render extras DNC needs."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(b, v, 3, size, size, generator=g)
+    extras = {
+        "alphas": torch.rand(b, v, 1, size, size, generator=g),
+        "depths": 1.2 + 0.3 * torch.rand(b, v, 1, size, size, generator=g),
+        "normals": torch.nn.functional.normalize(torch.randn(b, v, 3, size, size, generator=g), dim=2),
+    }
+    return images, all_prompts()[:b], extras
+
+
+def local_rewards(terms) -> LocalRewards:
+    return LocalRewards({name: (build_reward(name), weight) for name, weight in terms})
+
+
+@pytest.fixture(scope="module")
+def plane():
+    # Workers import this module (for `serve_probe` and the Train loop) and the package from here.
+    path = os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    ray.init(address="local", num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    port = free_port()
+    overrides = [f"http.port={port}", "http.max_batch=4", "http.max_views=4", "http.max_image_size=64",
+                 "http.max_body_mb=1"]
+    cfg = load_reward_app_config(ROOT / "configs/rewards_toy.yaml", overrides)
+    probe = RewardDeploymentConfig(
+        name="probe", reward="test_serve:serve_probe", kwargs={"nan_views": PROBE_NAN_VIEWS, "delay_s": 0.1},
+        num_replicas=2, num_cpus=0, max_batch_size=1,
+    )
+    cfg = cfg.model_copy(update={"deployments": [*cfg.deployments, probe]})
+    assert deploy_rewards(cfg) is True
+    yield SimpleNamespace(cfg=cfg, overrides=overrides, url=f"http://127.0.0.1:{port}")
+    serve.shutdown()  # also forgets this process's Serve client, so later modules start clean
+    ray.shutdown()
+
+
+def test_reward_app_configs_name_registered_rewards():
+    for path in ("configs/rewards_toy.yaml", "configs/rewards_diffsplat.yaml"):
+        cfg = load_reward_app_config(ROOT / path)
+        assert {d.reward for d in cfg.deployments} <= set(available_rewards()), path
+    diffsplat = load_reward_app_config(ROOT / "configs/rewards_diffsplat.yaml")
+    assert all(d.num_gpus == 1 for d in diffsplat.deployments if d.reward in ("hps", "aesthetic", "normal"))
+
+
+def test_handle_round_trip_matches_in_process(plane):
+    images, prompts, extras = sample_batch()
+    served = ServedRewards(plane.cfg.app_name, TOY_TERMS).submit(images, prompts, extras).result()
+    local = local_rewards(TOY_TERMS).submit(images, prompts, extras).result()
+    for name, _ in TOY_TERMS:
+        torch.testing.assert_close(served.per_term[name], local.per_term[name], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(served.values, local.values, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(served.grads, local.grads, rtol=1e-5, atol=1e-9)
+    assert sorted(served.extra_grads) == ["depths", "normals"]
+    for key in served.extra_grads:
+        torch.testing.assert_close(served.extra_grads[key], local.extra_grads[key], rtol=1e-5, atol=1e-9)
+    assert served.finite.all() and served.grads.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "grad_dtype, wire_dtype, rel", [("float16", np.float16, 2**-11), ("bfloat16", np.uint16, 2**-8)]
+)
+def test_reduced_precision_gradients_round_trip(plane, grad_dtype, wire_dtype, rel):
+    images, prompts, _ = sample_batch(seed=1)
+    handle = serve.get_deployment_handle("color_match", app_name=plane.cfg.app_name)
+    wire = handle.score.remote(images.numpy(), prompts, {}, True, grad_dtype).result()
+    assert wire["grads"].dtype == wire_dtype and wire["grads"].shape == images.shape
+
+    served = ServedRewards(plane.cfg.app_name, [("color_match", 1.0)], grad_dtype=grad_dtype)
+    got = served.submit(images, prompts).result().grads
+    want = build_reward("color_match").score(images, prompts, with_grad=True).grads
+    assert got.dtype == torch.float32
+    # Rounding to the nearest representable value; float16 also flushes below its subnormals.
+    assert ((got - want).abs() <= rel * want.abs() + 2**-24).all()
+    assert not torch.equal(got, want)
+
+
+def _train_loop(config):
+    import tempfile
+
+    import ray.train
+
+    from r2d3ray.serve.client import ServedRewards
+
+    images = torch.tensor(config["images"])
+    result = ServedRewards(config["app_name"], [("color_match", 1.0)]).submit(images, config["prompts"]).result()
+    metrics = {"values": result.values.tolist(), "grad_sum": float(result.grads.double().sum())}
+    # Ray Train V2 keeps the metrics of reports that carry a checkpoint (Result.metrics).
+    with tempfile.TemporaryDirectory() as checkpoint_dir:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
+
+
+def test_handle_round_trip_from_a_train_worker(plane, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    images, prompts, _ = sample_batch(seed=2)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"app_name": plane.cfg.app_name, "images": images.tolist(), "prompts": prompts},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=False),
+        run_config=RunConfig(name="serve_from_train", storage_path=str(tmp_path)),
+    )
+    metrics = trainer.fit().metrics
+    want = build_reward("color_match").score(images, prompts, with_grad=True)
+    torch.testing.assert_close(torch.tensor(metrics["values"]), want.values, rtol=1e-5, atol=1e-7)
+    assert metrics["grad_sum"] == pytest.approx(float(want.grads.double().sum()), rel=1e-5)
+
+
+def _png(image: np.ndarray) -> str:
+    """(3, H, W) uint8 -> base64 PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(image.transpose(1, 2, 0)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_http_round_trip_npy_and_png(plane):
+    images, prompts, _ = sample_batch(v=2, seed=3)
+    want = build_reward("color_match").score(images, prompts, with_grad=True)
+    with httpx.Client(base_url=plane.url, timeout=60) as http:
+        body = {"prompts": prompts, "images_npy": encode_npy(images.numpy()), "with_grad": True}
+        answer = http.post("/rewards/color_match", json=body)
+        assert answer.status_code == 200, answer.text
+        got = answer.json()
+        torch.testing.assert_close(torch.tensor(got["values"]), want.values, rtol=1e-5, atol=1e-7)
+        grads = np.load(io.BytesIO(base64.b64decode(got["grad_npy"])), allow_pickle=False)
+        torch.testing.assert_close(torch.from_numpy(grads), want.grads, rtol=1e-5, atol=1e-9)
+        assert got["mean"] == pytest.approx(float(want.values.mean()), rel=1e-5)
+
+        # PNG: 8-bit views; the server must see exactly the quantised images.
+        quantised = (images * 255).round().to(torch.uint8)
+        body = {"prompts": prompts, "images_png": [[_png(view.numpy()) for view in obj] for obj in quantised]}
+        answer = http.post("/rewards/color_match", json=body)
+        assert answer.status_code == 200, answer.text
+        want_png = build_reward("color_match").score(quantised.float() / 255, prompts).values
+        torch.testing.assert_close(torch.tensor(answer.json()["values"]), want_png, rtol=1e-5, atol=1e-7)
+        assert "grad_npy" not in answer.json() or answer.json()["grad_npy"] is None
+
+        assert http.get("/rewards").json() == {"rewards": sorted(d.name for d in plane.cfg.deployments)}
+        schema = http.get("/openapi.json").json()
+        post = schema["paths"]["/rewards/{name}"]["post"]
+        assert "images_npy" in post["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+
+class _Canary:
+    """Unpickling this creates a file: proof that the server never unpickles what it is sent."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _npy_b64(array: np.ndarray, allow_pickle: bool = False) -> str:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _bad_requests(canary: str) -> list[tuple[str, str, dict, int, str]]:
+    """(case, reward, body, expected status, word the error must contain)."""
+    images, prompts, _ = sample_batch(v=2, size=16, seed=4)
+    good = {"prompts": prompts, "images_npy": encode_npy(images.numpy())}
+    corrupt_png = _png(np.zeros((3, 16, 16), np.uint8))[:60]
+    return [
+        ("unknown reward", "nope", good, 404, "unknown reward"),
+        ("int npy", "color_match", {**good, "images_npy": _npy_b64(images.numpy().astype(np.int32))}, 422, "dtype"),
+        ("wrong shape", "color_match", {**good, "images_npy": _npy_b64(images.numpy()[:, :, 0])}, 422, "shape"),
+        ("corrupt png", "color_match", {"prompts": prompts, "images_png": [[corrupt_png]] * 2}, 400, "PNG"),
+        ("pickled object", "color_match",
+         {**good, "images_npy": base64.b64encode(pickle.dumps(_Canary(canary))).decode()}, 400, "pickle"),
+        ("object npy", "color_match",
+         {**good, "images_npy": _npy_b64(np.array([_Canary(canary)], dtype=object), allow_pickle=True)}, 400, "pickle"),
+        ("oversized body", "color_match", {**good, "prompts": ["x" * 2**20, "y"]}, 413, "limit"),
+        ("missing prompts", "color_match", {"images_npy": good["images_npy"]}, 422, "prompts"),
+        ("prompt count", "color_match", {**good, "prompts": prompts[:1]}, 422, "prompts"),
+        ("too many views", "color_match", {**good, "images_npy": encode_npy(np.zeros((1, 5, 3, 8, 8), np.float32)),
+                                           "prompts": prompts[:1]}, 413, "views"),
+        ("too large image", "color_match", {**good, "images_npy": encode_npy(np.zeros((2, 1, 3, 65, 65), np.float32))},
+         413, "pixels"),
+        ("out of range", "color_match", {**good, "images_npy": encode_npy(images.numpy() * 255)}, 422, "[0, 1]"),
+        ("reward rejects prompt", "color_match", {**good, "prompts": ["a red spaceship", prompts[1]]}, 422,
+         "spaceship"),
+    ]
+
+
+def test_http_bad_inputs_get_4xx_and_the_server_keeps_serving(plane, tmp_path):
+    canary = tmp_path / "unpickled"
+    images, prompts, _ = sample_batch(v=2, size=16, seed=4)
+    good = {"prompts": prompts, "images_npy": encode_npy(images.numpy())}
+    want = build_reward("color_match").score(images, prompts).values
+    with httpx.Client(base_url=plane.url, timeout=60) as http:
+        for case, reward, body, status, word in _bad_requests(str(canary)):
+            answer = http.post(f"/rewards/{reward}", json=body)
+            assert answer.status_code == status, (case, answer.text)
+            assert word in answer.json()["error"], (case, answer.json())
+            served = http.post("/rewards/color_match", json=good)
+            assert served.status_code == 200, (case, served.text)
+            torch.testing.assert_close(torch.tensor(served.json()["values"]), want, rtol=1e-5, atol=1e-7)
+    assert not canary.exists()
+
+
+def test_non_finite_rewards_are_flagged_with_zero_gradient(plane):
+    images, prompts, _ = sample_batch(seed=5)
+    result = ServedRewards(plane.cfg.app_name, [("probe", 1.0)]).submit(images, prompts).result()
+    want = ProbeReward(PROBE_NAN_VIEWS).score(images, prompts, with_grad=True)
+    nan = torch.zeros(images.shape[1], dtype=torch.bool)
+    nan[PROBE_NAN_VIEWS] = True
+    assert torch.equal(result.finite, ~nan.expand(images.shape[0], -1))
+    assert result.values[:, nan].isnan().all()
+    torch.testing.assert_close(result.values[:, ~nan], want.values[:, ~nan])
+    assert (result.grads[:, nan] == 0).all() and (result.grads[:, ~nan] != 0).all()
+    torch.testing.assert_close(result.grads, want.grads)
+
+    with httpx.Client(base_url=plane.url, timeout=60) as http:
+        body = {"prompts": prompts, "images_npy": encode_npy(images[:, :2].numpy()), "with_grad": True}
+        got = http.post("/rewards/probe", json=body).json()
+    assert [row[1] for row in got["values"]] == [None, None]
+    assert [row[1] for row in got["finite"]] == [False, False]
+    assert got["mean"] == pytest.approx(float(want.values[:, 0].mean()), rel=1e-5)
+
+
+def test_bad_requests_fail_fast_and_missing_apps_are_named(plane):
+    images, prompts, _ = sample_batch()
+    pending = ServedRewards(plane.cfg.app_name, [("color_match", 1.0)]).submit(images, prompts[:1])
+    with pytest.raises(ValueError, match="prompts must be a list of B=2"):
+        pending.result()
+    assert pending.attempts == {"color_match": 1}
+    with pytest.raises(RewardPlaneError, match="no_such_app"):
+        ServedRewards("no_such_app", [("color_match", 1.0)])
+
+
+def test_serve_main_and_job_reuse_the_running_app(plane, capsys):
+    from r2d3ray.serve.launch import serve_main
+
+    import importlib.util
+
+    assert serve_main(str(ROOT / "configs/rewards_toy.yaml"), plane.overrides, address="auto") == 0
+    assert "already running, reused" in capsys.readouterr().out
+    spec = importlib.util.spec_from_file_location("serve_rewards_job", ROOT / "jobs/serve_rewards.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    args = ["--config", str(ROOT / "configs/rewards_toy.yaml")] + [x for o in plane.overrides for x in ("--set", o)]
+    assert job.main(args) == 0
+    assert "already running, reused" in capsys.readouterr().out
+    assert job.main(["--config", str(ROOT / "configs/rewards_toy.yaml"), "--set", "http.port=0"]) == 2
+    assert app_status(plane.cfg.app_name) == "RUNNING"
+
+
+def test_a_replica_killed_mid_stream_loses_no_request(plane):
+    """Runs last: it kills one of the two `probe` replicas while 12 requests are in flight."""
+    client = ServedRewards(plane.cfg.app_name, [("probe", 1.0)], timeout_s=60, retries=4, backoff_s=0.2)
+    batches = [sample_batch(b=1, v=2, size=8, seed=10 + i) for i in range(12)]
+    pending = [client.submit(images, prompts) for images, prompts, _ in batches]
+    time.sleep(0.3)  # the stream is under way: each replica answers one request per 0.1 s
+    replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(f"SERVE_REPLICA::{plane.cfg.app_name}#probe#")]
+    assert len(replicas) == 2
+    ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
+    results = [p.result() for p in pending]
+    for (images, prompts, _), result in zip(batches, results):
+        want = ProbeReward(PROBE_NAN_VIEWS).score(images, prompts).values
+        torch.testing.assert_close(result.values, want, equal_nan=True)
+    assert sum(p.attempts["probe"] > 1 for p in pending) >= 1  # some requests were on the killed replica
