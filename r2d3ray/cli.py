@@ -69,6 +69,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    import yaml
+
+    from r2d3ray.config import apply_overrides
+    from r2d3ray.models.pretrain import pretrain
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrain config {str(path)!r} does not exist; see configs/tiny_prior.yaml")
+    options = apply_overrides(yaml.safe_load(path.read_text()) or {}, args.overrides)
+    out = pretrain(options, args.out)
+    print(f"wrote the tiny prior to {out}; check it with `r2d3ray eval-prior --model {out}`")
+    return 0
+
+
+def cmd_eval_prior(args: argparse.Namespace) -> int:
+    import json
+
+    from r2d3ray.eval.prior import evaluate_prior
+    from r2d3ray.models.tiny import TinySplatGenerator
+    from r2d3ray.train.run import TINY_PRIOR_DIR
+
+    generator = TinySplatGenerator.from_pretrained(args.model or TINY_PRIOR_DIR)
+    result = evaluate_prior(generator, seeds=tuple(range(args.seeds)), num_steps=args.steps,
+                            guidance_scale=args.guidance_scale)
+    print(f"{'held-out prompts x seeds':<28}{result['num_samples']}")
+    print(f"{'colour accuracy':<28}{result['color_accuracy']:.1%} ± {result['color_accuracy_se']:.1%}")
+    print(f"{'silhouette IoU':<28}{result['silhouette_iou']:.3f} ± {result['silhouette_iou_se']:.3f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from r2d3ray.serve.launch import serve_main
 
@@ -88,11 +122,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_render(args: argparse.Namespace) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_render import main as bench_render_main
+BENCHMARKS = {
+    "render": "renderer forward+backward time and peak memory vs Gaussians and resolution",
+    "rewards": "reward latency/throughput in-process vs Serve handle vs HTTP, with gradients",
+    "pipeline": "training steps/s and the sample / reward-wait / train split, rewards served vs in-process",
+}
 
-    return bench_render_main(args.bench_args)
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmarks live in benchmarks/ (a repository checkout); each has main(argv) -> exit code."""
+    args.bench_args = [a for a in args.bench_args if a != "--"]
+    import importlib
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if not (folder / f"bench_{args.bench_command}.py").is_file():
+        raise FileNotFoundError(f"benchmark scripts not found in {folder}; run r2d3ray bench from a checkout of the repository")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(f"bench_{args.bench_command}").main(args.bench_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(demo, required=False)
     demo.set_defaults(func=cmd_demo, config="configs/toy.yaml")
 
+    pretrain = sub.add_parser("pretrain", help="train the tiny splat prior (the embedded default's base model) on CPU")
+    _add_config_args(pretrain, what="YAML pretraining options, e.g. configs/tiny_prior.yaml")
+    pretrain.add_argument("--out", required=True, metavar="DIR", help="where to save the model (save_pretrained layout)")
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    eval_prior = sub.add_parser("eval-prior", help="the tiny prior's quality: colour accuracy and silhouette IoU on held-out prompts")
+    eval_prior.add_argument("--model", metavar="DIR", help="a tiny prior directory (default: the committed one)")
+    eval_prior.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default 4)")
+    eval_prior.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    eval_prior.add_argument("--guidance-scale", type=float, default=4.5, help="CFG scale (default 4.5)")
+    eval_prior.add_argument("--out", metavar="FILE", help="also write the numbers as JSON")
+    eval_prior.set_defaults(func=cmd_eval_prior)
+
     serve = sub.add_parser("serve", help="deploy the reward plane (a Ray Serve app) and leave it running for other jobs")
     _add_config_args(serve, what="YAML reward app config, e.g. configs/rewards_toy.yaml")
     serve.add_argument("--address", default="auto",
@@ -152,16 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run a benchmark; prints a table and writes JSON")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="NAME")
-    bench_render = bench_sub.add_parser(
-        "render", help="renderer forward+backward time and peak memory vs Gaussians and resolution",
-        description="Arguments after `render` go to benchmarks/bench_render.py (see its --help).",
-    )
-    bench_render.add_argument("bench_args", nargs=argparse.REMAINDER, help="e.g. --quick --device cpu")
-    bench_render.set_defaults(func=cmd_bench_render)
+    for name, help_text in BENCHMARKS.items():
+        one = bench_sub.add_parser(name, help=help_text, description=f"{help_text}. Arguments after `{name}` go to "
+                                   f"benchmarks/bench_{name}.py (see `r2d3ray bench {name} --help`).")
+        one.add_argument("bench_args", nargs=argparse.REMAINDER, help="e.g. --quick --out results.json")
+        one.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) >= 3 and argv[0] == "bench" and argv[1] in BENCHMARKS:
+        # Everything after the benchmark's name is the benchmark's own (argparse would mix them up).
+        argv = argv[:2] + ["--", *[a for a in argv[2:] if a != "--"]]
     args = build_parser().parse_args(argv)
     if getattr(args, "func", None) is cmd_render and (args.views < 1 or args.size < 8):
         print("error: --views must be >= 1 and --size >= 8", file=sys.stderr)

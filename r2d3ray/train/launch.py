@@ -47,6 +47,22 @@ class Plan:
         ])
 
 
+def with_absolute_paths(cfg: R2D3Config) -> R2D3Config:
+    """The config with its relative paths made absolute against the driver's working directory,
+    so workers, which may run elsewhere, read the same files."""
+
+    def absolute(path: str) -> str:
+        return str(Path(path).resolve()) if path and not Path(path).is_absolute() else path
+
+    return cfg.model_copy(update={
+        "output_dir": absolute(cfg.output_dir),
+        "model": cfg.model.model_copy(update={"path": absolute(cfg.model.path)}),
+        "rewards": cfg.rewards.model_copy(update={"app_config": absolute(cfg.rewards.app_config)}),
+        "prompts": cfg.prompts.model_copy(update={"file": absolute(cfg.prompts.file),
+                                                   "reward_file": absolute(cfg.prompts.reward_file)}),
+    })
+
+
 def make_plan(cfg: R2D3Config) -> Plan:
     """Check everything that can be checked without a cluster: files, reward names, resources."""
     from r2d3ray.train.run import TINY_PRIOR_DIR
@@ -96,14 +112,18 @@ def check_resources(plan: Plan) -> None:
         )
 
 
-def launch(cfg: R2D3Config, address: str | None = None, dry_run: bool = False):
-    """Run training to the end (or resume it); returns Ray Train's Result."""
+def launch(cfg: R2D3Config, address: str | None = None, dry_run: bool = False, served_rewards: bool = True):
+    """Run training to the end (or resume it); returns Ray Train's Result.
+
+    served_rewards=False scores the same rewards inside each worker instead of on the Serve
+    plane (the baseline `r2d3ray bench pipeline` compares against)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from r2d3ray.serve.deployments import app_status, deploy_rewards
     from r2d3ray.train.loop import train_loop_per_worker
 
+    cfg = with_absolute_paths(cfg)
     plan = make_plan(cfg)
     connect_ray(plan, address)
     check_resources(plan)
@@ -114,16 +134,19 @@ def launch(cfg: R2D3Config, address: str | None = None, dry_run: bool = False):
         print("dry run: configuration, files and resources are fine; nothing was trained")
         return None
     try:
-        deploy_rewards(plan.app, reuse=True)
+        if served_rewards:
+            deploy_rewards(plan.app, reuse=True)
     except Exception as err:
         raise LaunchError(f"reward endpoint: deploying Serve app {plan.app.app_name!r} from "
                           f"{cfg.rewards.app_config} failed: {err}") from err
     print(plan.describe(), flush=True)
 
     t = cfg.training
+    # Workers stay in the driver's (or the job's) working directory instead of a per-run folder.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.model_dump(mode="json")},
+        train_loop_config={"run": cfg.model_dump(mode="json"), "served_rewards": served_rewards},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=RunConfig(name=cfg.name, storage_path=str(plan.storage_path),
@@ -134,7 +157,11 @@ def launch(cfg: R2D3Config, address: str | None = None, dry_run: bool = False):
         result = trainer.fit()
     except Exception as err:
         latest = _latest_checkpoint(plan.storage_path / cfg.name)
-        component = "reward endpoint" if "reward" in str(err).lower() else "training worker"
+        text = str(err)
+        component = ("configuration" if "ConfigError" in text else
+                     "reward endpoint" if "RewardPlaneError" in text or "reward " in text.lower() else
+                     "storage" if any(s in text for s in ("No space left", "Permission denied", str(plan.storage_path)))
+                     else "training worker")
         raise LaunchError(f"{component} failed: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}\n"
                           f"last checkpoint: {latest or 'none yet'}; re-run the same command to resume from it") from err
     return result
