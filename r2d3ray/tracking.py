@@ -47,6 +47,7 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, active: bool = True):
         self.active = active
         self.run_id: str | None = None
+        self.last_logged_step = -1
         if not active:
             return
         import mlflow
@@ -68,6 +69,10 @@ class Tracker:
             run_id = found[0].info.run_id if found else None
         run = self._mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags)
         self.run_id = run.info.run_id
+        # A worker restarted from an older checkpoint than its last logged step redoes some steps;
+        # their metrics are logged once only (the first time).
+        history = self._mlflow.MlflowClient().get_metric_history(self.run_id, "epoch") if run_id else []
+        self.last_logged_step = max((m.step for m in history), default=-1)
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -79,7 +84,7 @@ class Tracker:
             self._mlflow.log_params(fresh)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.active:
+        if self.active and step > self.last_logged_step:
             clean = {_KEY_OK.sub("_", k): float(v) for k, v in metrics.items() if np.isfinite(float(v))}
             self._mlflow.log_metrics(clean, step=step)
 

@@ -60,14 +60,17 @@ class RewardOutput:
     grads: torch.Tensor | None = None
     extra_grads: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    @property
-    def finite(self) -> torch.Tensor:
-        """(B, V) bool: True where the value and every gradient of that view are finite."""
-        ok = torch.isfinite(self.values)
-        for g in [self.grads, *self.extra_grads.values()]:
-            if g is not None:
-                ok = ok & torch.isfinite(g).flatten(2).all(-1)
-        return ok
+    # (B, V) bool: True where the value and every gradient of that view are finite. Computed once
+    # here, before a reward zeroes the gradients of bad views (which would make them look finite).
+    finite: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.finite is None:
+            ok = torch.isfinite(self.values)
+            for g in [self.grads, *self.extra_grads.values()]:
+                if g is not None:
+                    ok = ok & torch.isfinite(g).flatten(2).all(-1)
+            self.finite = ok
 
     def check_finite(self, name: str = "reward") -> RewardOutput:
         """Return self, or raise NonFiniteRewardError listing the (object, view) pairs that failed."""
@@ -146,7 +149,7 @@ class RewardModel(nn.Module):
             for g in [out.grads, *out.extra_grads.values()]:
                 if g is not None:
                     g.masked_fill_(~keep, 0.0)
-        out.values = out.values.to(out_device)
+        out.values, out.finite = out.values.to(out_device), out.finite.to(out_device)
         if out.grads is not None:
             out.grads = out.grads.to(out_device)
         out.extra_grads = {k: g.to(out_device) for k, g in out.extra_grads.items()}

@@ -78,7 +78,8 @@ def _decode(part: dict, grad_dtype: str) -> RewardOutput:
     """One term's answer in the wire format of `RewardServer.score` -> a RewardOutput."""
     grads = None if part["grads"] is None else decode_grad(part["grads"], grad_dtype)
     return RewardOutput(torch.from_numpy(np.array(part["values"], dtype=np.float32)), grads,
-                        {k: decode_grad(a, grad_dtype) for k, a in part["extra_grads"].items()})
+                        {k: decode_grad(a, grad_dtype) for k, a in part["extra_grads"].items()},
+                        finite=torch.from_numpy(np.array(part["finite"], dtype=bool)))
 
 
 class PendingRewards:

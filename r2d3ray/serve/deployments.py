@@ -136,9 +136,7 @@ class RewardServer:
         batch = joined(images)  # (sum B, V, 3, H, W)
         extra_batch = {k: joined([e[k] for e in extras]) for k in extras[0]}
         out = self.model.score(batch, [p for ps in prompts for p in ps], extra_batch, with_grad=any(with_grad))
-        # score() has zeroed the gradients of non-finite views, so only values can still be
-        # non-finite: RewardOutput.finite would give the same mask after a pass over every gradient.
-        values, finite = out.values.float().cpu(), torch.isfinite(out.values).cpu()
+        values, finite = out.values.float().cpu(), out.finite.cpu()  # finite: value and gradients
         results, start = [], 0
         for size, grad_wanted, dtype in zip(sizes, with_grad, grad_dtype):
             part = slice(start, start + size)

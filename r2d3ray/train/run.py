@@ -196,9 +196,9 @@ class TrainingRun:
         if self.rank == 0:
             per_epoch = (time.monotonic() - self.started) / max(self.epoch - self._first_epoch, 1)
             left = per_epoch * (self.cfg.training.epochs - self.epoch)
-            reward = metrics.get("reward/mean", float("nan"))
-            print(f"[r2d3ray] epoch {self.epoch}/{self.cfg.training.epochs} reward {reward:.4f} "
-                  f"loss {metrics.get('loss', float('nan')):.4g} | {per_epoch:.1f} s/epoch, ETA {left:.0f} s", flush=True)
+            loss = f"loss {metrics['loss']:.4g}" if "loss" in metrics else "sampling only (stale trajectories)"
+            print(f"[r2d3ray] epoch {self.epoch}/{self.cfg.training.epochs} reward {metrics.get('reward/mean', float('nan')):.4f} "
+                  f"{loss} | {per_epoch:.1f} s/epoch, ETA {left:.0f} s", flush=True)
         return metrics
 
     def finish(self) -> None:

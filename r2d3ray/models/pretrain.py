@@ -1,0 +1,143 @@
+"""Pretraining of the tiny prior (``TinySplatGenerator``) on the procedural world.
+
+Data: the exact ground-truth splatter images of every train-split prompt (``world.render_ground_truth``
+from the generator's own rig at its latent resolution), computed once before the first step; the
+world is deterministic, so there is nothing to augment. Objective: DiffSplat's, the standard
+ε-prediction DDPM loss ``‖ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t, prompt) − ε‖²`` with t ~ U{0..999} under the
+generator's own noise schedule (diffusers' ``DDPMScheduler`` built from ``scheduler_config``, as
+DiffSplat trains), and the prompt replaced by "" with probability ``cfg_dropout`` so that the
+same network serves as the unconditional branch of classifier-free guidance.
+
+The YAML the CLI reads (``r2d3ray pretrain --config configs/tiny_prior.yaml --out DIR``) holds the
+fields of :class:`PretrainConfig`, ``model`` being overrides of ``tiny.TINY_DEFAULT_CONFIG``::
+
+    seed: 0
+    steps: 3000
+    batch_size: 32
+    lr: 1.0e-3
+    ...
+    model: {num_layers: 4, attention_head_dim: 32}
+
+Progress: a tqdm bar (rate, ETA, loss). Tracking: one MLflow run (params, ``train/loss``,
+``train/lr``) in ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<out_dir>/mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from r2d3ray.models.tiny import TinySplatGenerator
+from r2d3ray.models.world import render_ground_truth, split_prompts
+from r2d3ray.tracking import Tracker, resolve_tracking_uri
+
+CONFIG_NAME = "pretrain_config.json"
+
+
+@dataclass
+class PretrainConfig:
+    """Options of :func:`pretrain`; every field has the value the committed checkpoint used."""
+
+    seed: int = 0
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # any name diffusers.optimization.get_scheduler knows
+    cfg_dropout: float = 0.1  # probability of training on the "" prompt
+    grad_clip: float = 1.0
+    log_every: int = 20  # MLflow logging interval, steps
+    num_threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    experiment: str = "tiny_prior"  # MLflow experiment name
+    model: dict = field(default_factory=dict)  # overrides of tiny.TINY_DEFAULT_CONFIG
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PretrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"pretrain config: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"pretrain config: {name}={getattr(self, name)} must be >= 1")
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError(f"pretrain config: cfg_dropout={self.cfg_dropout} must lie in [0, 1)")
+        if self.lr <= 0:
+            raise ValueError(f"pretrain config: lr={self.lr} must be > 0")
+
+
+def pretrain(config: PretrainConfig | dict, out_dir: str | Path) -> Path:
+    """Train a tiny prior from scratch and ``save_pretrained`` it into ``out_dir``; returns ``out_dir``.
+
+    ``out_dir`` also receives ``pretrain_config.json`` (the resolved config) and, unless
+    ``MLFLOW_TRACKING_URI`` is set, the MLflow store ``mlflow.db``.
+    """
+    config = PretrainConfig.from_dict(config) if isinstance(config, dict) else config
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    rng = torch.Generator().manual_seed(config.seed)  # batches, timesteps, noise, CFG dropout
+
+    generator = TinySplatGenerator.from_config(config.model)
+    V, C, h, w = generator.latent_shape
+    prompts = split_prompts("train")
+    started = time.perf_counter()
+    data = render_ground_truth(prompts, generator.rig, h)  # (P, V, 12, h, w), a few seconds
+    noise_schedule = DDPMScheduler.from_config(generator.scheduler_config)
+    num_train_timesteps = noise_schedule.config.num_train_timesteps
+
+    optimizer = torch.optim.AdamW(generator.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    lr_schedule = get_scheduler(
+        config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps
+    )
+    tracker = Tracker(resolve_tracking_uri("", out_dir), config.experiment)
+    tracker.start(run_name=f"pretrain-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    tracker.log_params({**dataclasses.asdict(config), "num_train_prompts": len(prompts), "out_dir": str(out_dir)})
+
+    generator.train()
+    progress = tqdm(range(1, config.steps + 1), desc="pretrain", unit="step")
+    try:
+        for step in progress:
+            index = torch.randint(len(prompts), (config.batch_size,), generator=rng)
+            dropped = torch.rand(config.batch_size, generator=rng) < config.cfg_dropout
+            batch_prompts = ["" if drop else prompts[i] for i, drop in zip(index.tolist(), dropped.tolist())]
+            x0 = data[index]  # (B, V, 12, h, w)
+            noise = torch.randn(x0.shape, generator=rng)
+            t = torch.randint(num_train_timesteps, (config.batch_size,), generator=rng)
+            x_t = noise_schedule.add_noise(x0, noise, t)
+
+            raw = generator.predict(x_t, t, generator.encode_prompts(batch_prompts))
+            loss = torch.nn.functional.mse_loss(generator.eps_from_output(raw), noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(generator.parameters(), config.grad_clip)
+            optimizer.step()
+            lr_schedule.step()
+
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            if step % config.log_every == 0 or step == config.steps:
+                tracker.log_metrics({"train/loss": loss.item(), "train/lr": lr_schedule.get_last_lr()[0]}, step=step)
+        generator.eval()
+        generator.save_pretrained(out_dir)
+        wall = time.perf_counter() - started
+        (out_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        tracker.log_metrics({"train/wall_time_s": wall}, step=config.steps)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
+    return out_dir
