@@ -28,9 +28,7 @@ def resolve_tracking_uri(configured: str, output_dir: str | Path) -> str:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    path = Path(output_dir).resolve() / "mlflow.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
@@ -53,6 +51,8 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
+        if tracking_uri.startswith("sqlite:///"):  # sqlite creates the file, not its folder
+            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(tracking_uri)
         self.experiment_id = mlflow.set_experiment(experiment).experiment_id
 

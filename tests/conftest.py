@@ -6,8 +6,17 @@ intra-op parallelism while Ray workers and replicas run beside the test process.
 
 import os
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_mlflow_store(monkeypatch):
+    """Each test starts without MLFLOW_TRACKING_URI. ``mlflow.set_tracking_uri`` exports it to the
+    environment, so without this a test that tracked a run would send the next test's runs (and
+    those of the Ray workers it starts) to its store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

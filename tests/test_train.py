@@ -19,7 +19,7 @@ import yaml
 
 from r2d3ray.config import load_config
 from r2d3ray.models.tiny import TinySplatGenerator
-from r2d3ray.train.launch import LaunchError, launch
+from r2d3ray.train.launch import LaunchError, launch, with_absolute_paths
 
 pytestmark = pytest.mark.slow
 
@@ -181,3 +181,12 @@ def test_dry_run_trains_nothing_and_bad_reward_name_is_named(workspace, capsys):
     bad = make_cfg(workspace, "dry", "nabla", "rewards.terms=[{name: hps}]")
     with pytest.raises(LaunchError, match=r"\['hps'\].*does not serve"):
         launch(bad, dry_run=True)
+
+
+def test_workers_log_to_the_mlflow_store_the_driver_resolved(tmp_path, monkeypatch):
+    cfg = load_config("configs/toy.yaml", [f"output_dir={tmp_path / 'out'}"])
+    assert with_absolute_paths(cfg).tracking.tracking_uri == f"sqlite:///{(tmp_path / 'out').resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
+    assert with_absolute_paths(cfg).tracking.tracking_uri == "sqlite:////elsewhere/mlflow.db"
+    explicit = load_config("configs/toy.yaml", ["tracking.tracking_uri=http://mlflow:5000"])
+    assert with_absolute_paths(explicit).tracking.tracking_uri == "http://mlflow:5000"

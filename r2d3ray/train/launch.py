@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from r2d3ray.config import R2D3Config, RewardAppConfig, load_reward_app_config
+from r2d3ray.tracking import resolve_tracking_uri
 
 
 class LaunchError(RuntimeError):
@@ -43,19 +44,23 @@ class Plan:
             f"({len(self.app.deployments)} deployments: {', '.join(d.name for d in self.app.deployments)})",
             f"  resources: {self.cpus_needed:g} CPUs, {self.gpus_needed:g} GPUs",
             f"  checkpoints: {self.storage_path / self.cfg.name}",
-            f"  MLflow: {self.cfg.tracking.tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///' + str(Path(self.cfg.output_dir).resolve() / 'mlflow.db')}",
+            f"  MLflow: {resolve_tracking_uri(self.cfg.tracking.tracking_uri, self.cfg.output_dir)}",
         ])
 
 
 def with_absolute_paths(cfg: R2D3Config) -> R2D3Config:
     """The config with its relative paths made absolute against the driver's working directory,
-    so workers, which may run elsewhere, read the same files."""
+    so workers, which may run elsewhere, read the same files, and the MLflow store fixed as the
+    driver resolves it: a worker's own MLFLOW_TRACKING_URI (inherited from whatever process
+    started Ray) must not send the run's metrics to another store."""
 
     def absolute(path: str) -> str:
         return str(Path(path).resolve()) if path and not Path(path).is_absolute() else path
 
     return cfg.model_copy(update={
         "output_dir": absolute(cfg.output_dir),
+        "tracking": cfg.tracking.model_copy(update={
+            "tracking_uri": resolve_tracking_uri(cfg.tracking.tracking_uri, absolute(cfg.output_dir))}),
         "model": cfg.model.model_copy(update={"path": absolute(cfg.model.path)}),
         "rewards": cfg.rewards.model_copy(update={"app_config": absolute(cfg.rewards.app_config)}),
         "prompts": cfg.prompts.model_copy(update={"file": absolute(cfg.prompts.file),
