@@ -43,13 +43,18 @@ class TinyLearnedSigmaNet(torch.nn.Module):
         return torch.tanh(self.conv(x) + t.float() / 1000)
 
 
-def test_step_matches_diffusers_sde_and_ode_first_order():
+# x̂0 clipped to [-1, 1] by diffusers' thresholding (the tiny prior's setting)
+CLIP_X0 = dict(thresholding=True, sample_max_value=1.0)
+
+
+@pytest.mark.parametrize("config", [{}, CLIP_X0], ids=["plain", "clip_x0"])
+def test_step_matches_diffusers_sde_and_ode_first_order(config):
     x_T, net = torch.randn(2, 4, 8, 8), TinyLearnedSigmaNet()
     for eta, algorithm in [(1.0, "sde-dpmsolver++"), (0.0, "dpmsolver++")]:
-        sampler = SDEDPMSolver(20, eta=eta)
+        sampler = SDEDPMSolver(20, eta=eta, **config)
         ours = sample_trajectory(net, x_T, sampler, generator=torch.Generator().manual_seed(1))
 
-        reference = DPMSolverMultistepScheduler(**PIXART_SIGMA_SCHEDULER_CONFIG, algorithm_type=algorithm,
+        reference = DPMSolverMultistepScheduler(**PIXART_SIGMA_SCHEDULER_CONFIG, **config, algorithm_type=algorithm,
                                                 solver_order=1, final_sigmas_type="sigma_min")
         reference.set_timesteps(20)
         assert torch.equal(reference.timesteps, sampler.timesteps)

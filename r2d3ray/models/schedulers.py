@@ -186,6 +186,10 @@ class SDEDPMSolver:
 
         x_t = sample.float()
         x0_pred = (x_t - sigma_t * eps.float()) / alpha_t
+        if self.scheduler.config.thresholding:
+            # diffusers' own x̂0 thresholding (as its DPM step applies it): with sample_max_value=1 a
+            # clip to [-1, 1], where an early step's ε error would otherwise throw x̂0 far off the data.
+            x0_pred = self.scheduler._threshold_sample(x0_pred)
         mean = (sigma_s / sigma_t * c) * x_t + (alpha_s * (1.0 - c * decay)) * x0_pred
         std = self.eta * sigma_s * math.sqrt(1.0 - decay**2)
         std_t = torch.tensor(std, dtype=torch.float32, device=sample.device)
