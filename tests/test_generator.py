@@ -5,10 +5,10 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from r2d3ray.models.generator import CheckpointNotFoundError, PromptEmbeds
+from r2d3ray.models.generator import CheckpointNotFoundError, PromptEmbeds, SplatGenerator
 from r2d3ray.models.mv_attention import MVAttnProcessor, set_mv_attention
-from r2d3ray.models.schedulers import SDEDPMSolver
-from r2d3ray.models.tiny import TINY_DEFAULT_CONFIG, PromptTokenEncoder, TinySplatGenerator
+from r2d3ray.models.schedulers import SDEDPMSolver, predict_x0
+from r2d3ray.models.tiny import TINY_DEFAULT_CONFIG, TINY_SCHEDULER_CONFIG, PromptTokenEncoder, TinySplatGenerator
 from r2d3ray.models.world import vocabulary
 from r2d3ray.render.cameras import default_rig, plucker_rays
 
@@ -88,6 +88,16 @@ def test_prompt_tokens_are_canonical(generator):
     assert empty.embeds[0, 1:].abs().sum() == 0  # masked slots are zero
 
 
+def test_tiny_transformer_predicts_x0_and_the_generator_reports_its_eps(generator):
+    latents, t = _latents(generator), torch.tensor([900, 3])
+    embeds = generator.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        eps = generator.predict(latents, t, embeds)
+        x0 = SplatGenerator._denoise(generator, latents, t, embeds)  # the transformer's own output
+    # x̂0 recovered from the reported ε (the samplers' formula) is the transformer's x̂0
+    torch.testing.assert_close(predict_x0(eps, latents, t, generator.alphas_cumprod), x0, rtol=1e-4, atol=1e-4)
+
+
 def test_save_and_load_round_trip(generator, tmp_path):
     generator.save_pretrained(tmp_path)
     for path in ["generator_config.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
@@ -101,7 +111,7 @@ def test_save_and_load_round_trip(generator, tmp_path):
         expected = generator.predict(latents, t, generator.encode_prompts(PROMPTS), guidance_scale=2.0)
         actual = loaded.predict(latents, t, loaded.encode_prompts(PROMPTS), guidance_scale=2.0)
     assert torch.equal(actual, expected)
-    assert loaded.scheduler_config["beta_schedule"] == "linear" and loaded.scheduler_config["beta_end"] == 0.02
+    assert {k: loaded.scheduler_config[k] for k in TINY_SCHEDULER_CONFIG} == TINY_SCHEDULER_CONFIG
     assert SDEDPMSolver(20, **loaded.scheduler_config).timesteps.shape == (20,)  # the samplers take it
 
 

@@ -9,7 +9,7 @@ import torch
 
 from r2d3ray.eval.prior import color_fidelity, evaluate_prior, object_colors
 from r2d3ray.models.pretrain import CONFIG_NAME, PretrainConfig, pretrain
-from r2d3ray.models.tiny import TinySplatGenerator
+from r2d3ray.models.tiny import TINY_SCHEDULER_CONFIG, TinySplatGenerator
 from r2d3ray.models.world import COLORS, render_ground_truth
 from r2d3ray.render.cameras import default_rig
 from r2d3ray.render.rasterize import render_splats
@@ -31,12 +31,14 @@ def one_thread():
 
 def test_pretrain_writes_a_loadable_checkpoint_and_an_mlflow_run(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    config = dict(steps=40, batch_size=8, lr=3e-3, warmup_steps=0, log_every=1, model=TINY_MODEL)
+    config = dict(steps=40, batch_size=8, lr=3e-3, warmup_steps=0, log_every=1, ema_decay=0.9, model=TINY_MODEL)
     out = pretrain(config, tmp_path / "prior")
 
     generator = TinySplatGenerator.from_pretrained(out)
     assert generator.latent_shape == (4, 12, 8, 8)
     assert json.loads((out / CONFIG_NAME).read_text())["steps"] == 40
+    # the model carries its noise schedule and x̂0 clipping to every sampler
+    assert {k: generator.scheduler_config[k] for k in TINY_SCHEDULER_CONFIG} == TINY_SCHEDULER_CONFIG
     latents = torch.randn(2, *generator.latent_shape)
     raw = generator.predict(latents, torch.tensor([10, 900]), generator.encode_prompts(["a red cube", "a blue torus"]))
     assert raw.shape == latents.shape and torch.isfinite(raw).all()
@@ -58,6 +60,8 @@ def test_pretrain_config_refuses_bad_values():
         PretrainConfig(cfg_dropout=1.5)
     with pytest.raises(ValueError, match="steps"):
         PretrainConfig(steps=0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        PretrainConfig(ema_decay=1.0)
 
 
 def test_color_fidelity_on_ground_truth_splats_and_renders():

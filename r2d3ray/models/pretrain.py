@@ -5,7 +5,8 @@ from the generator's own rig at its latent resolution), computed once before the
 world is deterministic, so there is nothing to augment. Objective: DiffSplat's, the standard
 ε-prediction DDPM loss ``‖ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t, prompt) − ε‖²`` with t ~ U{0..999} under the
 generator's own noise schedule (diffusers' ``DDPMScheduler`` built from ``scheduler_config``, as
-DiffSplat trains), and the prompt replaced by "" with probability ``cfg_dropout`` so that the
+DiffSplat trains), weighted per sample by min-SNR-γ (``snr_gamma``; see ``models/tiny.py`` for why
+the tiny prior needs it), and the prompt replaced by "" with probability ``cfg_dropout`` so that the
 same network serves as the unconditional branch of classifier-free guidance.
 
 The YAML the CLI reads (``r2d3ray pretrain --config configs/tiny_prior.yaml --out DIR``) holds the
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from r2d3ray.models.tiny import TinySplatGenerator
@@ -55,6 +57,8 @@ class PretrainConfig:
     lr_schedule: str = "cosine"  # any name diffusers.optimization.get_scheduler knows
     cfg_dropout: float = 0.1  # probability of training on the "" prompt
     grad_clip: float = 1.0
+    ema_decay: float = 0.0  # > 0: save an exponential moving average of the weights (diffusers' EMAModel)
+    snr_gamma: float = 5.0  # min-SNR-γ loss weighting (Hang et al. 2023); 0 = the plain ε loss
     log_every: int = 20  # MLflow logging interval, steps
     num_threads: int | None = None  # torch.set_num_threads; None leaves torch's default
     experiment: str = "tiny_prior"  # MLflow experiment name
@@ -72,10 +76,24 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pretrain config: {name}={getattr(self, name)} must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"pretrain config: ema_decay={self.ema_decay} must lie in [0, 1) (0 = no EMA)")
+        if self.snr_gamma < 0:
+            raise ValueError(f"pretrain config: snr_gamma={self.snr_gamma} must be >= 0 (0 = no weighting)")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"pretrain config: cfg_dropout={self.cfg_dropout} must lie in [0, 1)")
         if self.lr <= 0:
             raise ValueError(f"pretrain config: lr={self.lr} must be > 0")
+
+
+def loss_weights(noise_schedule: DDPMScheduler, t: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """(B,) weights of the per-sample ε losses: min(SNR_t, γ)/SNR_t (min-SNR-γ, as diffusers'
+    training scripts compute it), which caps the weight low-noise steps get in x̂0 terms; all ones
+    for γ = 0."""
+    if snr_gamma == 0:
+        return torch.ones(t.shape)
+    snr = compute_snr(noise_schedule, t)  # (B,) ᾱ/(1−ᾱ)
+    return snr.clamp(max=snr_gamma) / snr
 
 
 def pretrain(config: PretrainConfig | dict, out_dir: str | Path) -> Path:
@@ -104,6 +122,7 @@ def pretrain(config: PretrainConfig | dict, out_dir: str | Path) -> Path:
     lr_schedule = get_scheduler(
         config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps
     )
+    ema = EMAModel(generator.parameters(), decay=config.ema_decay) if config.ema_decay > 0 else None
     tracker = Tracker(resolve_tracking_uri("", out_dir), config.experiment)
     tracker.start(run_name=f"pretrain-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     tracker.log_params({**dataclasses.asdict(config), "num_train_prompts": len(prompts), "out_dir": str(out_dir)})
@@ -121,16 +140,21 @@ def pretrain(config: PretrainConfig | dict, out_dir: str | Path) -> Path:
             x_t = noise_schedule.add_noise(x0, noise, t)
 
             raw = generator.predict(x_t, t, generator.encode_prompts(batch_prompts))
-            loss = torch.nn.functional.mse_loss(generator.eps_from_output(raw), noise)
+            loss = torch.nn.functional.mse_loss(generator.eps_from_output(raw), noise, reduction="none")
+            loss = (loss.mean(dim=(1, 2, 3, 4)) * loss_weights(noise_schedule, t, config.snr_gamma)).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(generator.parameters(), config.grad_clip)
             optimizer.step()
             lr_schedule.step()
+            if ema is not None:
+                ema.step(generator.parameters())
 
             progress.set_postfix(loss=f"{loss.item():.4f}")
             if step % config.log_every == 0 or step == config.steps:
                 tracker.log_metrics({"train/loss": loss.item(), "train/lr": lr_schedule.get_last_lr()[0]}, step=step)
+        if ema is not None:
+            ema.copy_to(generator.parameters())
         generator.eval()
         generator.save_pretrained(out_dir)
         wall = time.perf_counter() - started

@@ -1,12 +1,26 @@
 """The embedded default generator: a tiny text-to-splat prior the project trains itself.
 
 Same family as DiffSplat, scaled down so it trains and runs on a CPU: a multi-view PixArt
-transformer (diffusers' ``PixArtTransformer2DModel`` with our multi-view attention), ε-prediction
-under PixArt-Σ's noise schedule (linear β 1e-4 → 0.02, 1000 steps), Plücker-ray conditioning from
-DiffSplat's default rig. There is no VAE: the latents *are* DiffSplat-layout splatter images at
-low resolution, ``(B, V=4, 12, 32, 32)`` in [-1, 1] (see ``r2d3ray/splats.py``), so decoding is a
-clamp and 4·32·32 = 4096 Gaussians make an object. The prompt encoder needs no download: the
-procedural world's vocabulary (``models/world.py``) maps to learned embeddings.
+transformer (diffusers' ``PixArtTransformer2DModel`` with our multi-view attention), an
+ε-predictor to every sampler, Plücker-ray conditioning from DiffSplat's default rig. There is no
+VAE: the latents *are* DiffSplat-layout splatter images at low resolution, ``(B, V=4, 12, 32, 32)``
+in [-1, 1] (see ``r2d3ray/splats.py``), so decoding is a clamp and 4·32·32 = 4096 Gaussians make
+an object. The prompt encoder needs no download: the procedural world's vocabulary
+(``models/world.py``) maps to learned embeddings.
+
+Two choices differ from DiffSplat, both because the network is small:
+
+* The transformer predicts the clean sample x̂0, turned into ε exactly: ε = (x_t − √ᾱ_t·x̂0)/√(1−ᾱ_t).
+  A patch-4 token of width 96 cannot carry the 4·4·12 = 192 independent noise values that an ε-
+  (or v-) prediction must reproduce per token (measured: the ε loss stalls at 0.5 even at t = 950,
+  where ε ≈ x_t, and v-prediction leaves that noise in the samples, as x̂0 = α·x_t − σ·v̂ passes it
+  through); the clean object is what the tokens can carry (flat colour, smooth depth, one edge).
+  Everything downstream sees an ε-predictor; pretraining weights its ε loss by min-SNR-γ so low-t
+  steps, where ε = (x_t − α·x̂0)/σ magnifies x̂0 errors by α/σ, do not dominate.
+* The noise schedule is Stable Diffusion's "scaled_linear" β 0.00085 → 0.012 (the SD family
+  DiffSplat builds on) rather than PixArt-Σ's linear 1e-4 → 0.02, whose terminal x̂0 = (x_t − σε)/α
+  magnifies ε errors 157x instead of 15x, and samplers clip x̂0 to [-1, 1], the box splatter
+  images live in (diffusers' ``thresholding`` with ``sample_max_value=1``).
 
 On-disk layout (diffusers-like; ``from_pretrained``/``save_pretrained``)::
 
@@ -42,6 +56,13 @@ from r2d3ray.models.world import ATTRIBUTES, COLORS, SHAPES, SIZES, parse_prompt
 from r2d3ray.render.cameras import default_rig, plucker_rays
 
 SPLATTER_CHANNELS = 12
+
+# The tiny prior's noise schedule and x̂0 clipping (module docstring), saved with every checkpoint.
+TINY_SCHEDULER_CONFIG: dict = {
+    **PIXART_SIGMA_SCHEDULER_CONFIG,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+    "thresholding": True, "sample_max_value": 1.0,
+}
 GENERATOR_CONFIG_NAME = "generator_config.json"
 
 # Flat knobs of the tiny prior; ``TinySplatGenerator.from_config`` accepts any subset.
@@ -129,13 +150,17 @@ class TinySplatGenerator(SplatGenerator):
             rig=rig,
             plucker=plucker_rays(rig, resolution, resolution),  # (V, 6, r, r)
             latent_channels=SPLATTER_CHANNELS,
-            scheduler_config=PIXART_SIGMA_SCHEDULER_CONFIG if scheduler_config is None else scheduler_config,
+            scheduler_config=TINY_SCHEDULER_CONFIG if scheduler_config is None else scheduler_config,
         )
         self.prompt_encoder = prompt_encoder
+        # ᾱ_t of the training schedule (num_train_timesteps,), for the x̂0 → ε conversion in _denoise.
+        alphas_cumprod = DPMSolverMultistepScheduler.from_config(self.scheduler_config).alphas_cumprod
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
 
     @classmethod
-    def from_config(cls, config: dict | None = None) -> "TinySplatGenerator":
-        """A randomly initialised prior; ``config`` overrides keys of ``TINY_DEFAULT_CONFIG``."""
+    def from_config(cls, config: dict | None = None, scheduler_config: dict | None = None) -> "TinySplatGenerator":
+        """A randomly initialised prior; ``config`` overrides keys of ``TINY_DEFAULT_CONFIG``,
+        ``scheduler_config`` keys of ``TINY_SCHEDULER_CONFIG``."""
         config = dict(config or {})
         unknown = sorted(set(config) - set(TINY_DEFAULT_CONFIG))
         if unknown:
@@ -161,7 +186,14 @@ class TinySplatGenerator(SplatGenerator):
             )
         )
         prompt_encoder = PromptTokenEncoder(vocab=world_vocabulary(), caption_channels=c["caption_channels"])
-        return cls(transformer, prompt_encoder, num_views=c["num_views"])
+        return cls(transformer, prompt_encoder, num_views=c["num_views"],
+                   scheduler_config={**TINY_SCHEDULER_CONFIG, **(scheduler_config or {})})
+
+    def _denoise(self, latents: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        """ε (B, V, 12, h, w) = (x_t − √ᾱ_t·x̂0)/√(1−ᾱ_t), from the transformer's x̂0 (module docstring)."""
+        x0 = super()._denoise(latents, t, embeds)  # (B, V, 12, h, w)
+        alpha_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1, 1)  # (B, 1, 1, 1, 1)
+        return ((latents.float() - alpha_bar.sqrt() * x0.float()) / (1 - alpha_bar).sqrt()).to(latents.dtype)
 
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         return self.prompt_encoder(prompts)

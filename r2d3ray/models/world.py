@@ -296,9 +296,10 @@ def render_ground_truth(
       the surface (shortest axis = surface normal, ``scale_min``; the other two half the pixel's
       footprint, 0.5·z/(fxfy·(size−1)), clamped to [scale_min, scale_max]: neighbours overlap
       without smearing the silhouette).
-    * missed pixels: opacity 0, depth ``cam_distance`` (the plane through the origin) and a disc
-      facing the camera: transparent and harmless, with channels that stay smooth across the
-      silhouette so the denoiser has an easy target.
+    * missed pixels: opacity 0, depth ``cam_distance`` (the plane through the origin), the
+      smallest scale and a camera-facing orientation: transparent, and if a generated opacity
+      leaks above 0 such a Gaussian stays a sub-pixel speck inside the object's region instead of
+      a haze around it.
     * colour: the prompted ``COLORS`` value, flat (no shading), on every pixel.
 
     ``scale_min``/``scale_max`` must match the decoder's.
@@ -339,6 +340,7 @@ def render_ground_truth(
     quats = torch.from_numpy(xyzw[:, [3, 0, 1, 2]]).float().reshape(P, V, size, size, 4)
 
     footprint = (0.5 * depth / (fxfy * (size - 1))).clamp(scale_min, scale_max)
+    footprint = torch.where(hit, footprint, scale_min)  # a miss whose opacity leaks stays a speck
     scales = torch.stack([footprint, footprint, torch.full_like(footprint, scale_min)], dim=-1)
     colors = torch.tensor([COLORS[spec.color] for spec in specs]).view(P, 1, 1, 1, 3).expand(P, V, size, size, 3)
 
