@@ -51,9 +51,18 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
+        artifact_location = None
         if tracking_uri.startswith("sqlite:///"):  # sqlite creates the file, not its folder
-            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            store_dir = Path(tracking_uri.removeprefix("sqlite:///")).parent
+            store_dir.mkdir(parents=True, exist_ok=True)
+            # MLflow's default is ./mlruns under the current directory; keep artifacts beside the store.
+            artifact_location = (store_dir / "mlartifacts").as_uri()
         mlflow.set_tracking_uri(tracking_uri)
+        if artifact_location and mlflow.get_experiment_by_name(experiment) is None:
+            try:
+                mlflow.create_experiment(experiment, artifact_location=artifact_location)
+            except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+                pass
         self.experiment_id = mlflow.set_experiment(experiment).experiment_id
 
     def start(self, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None) -> str | None:

@@ -85,6 +85,14 @@ def test_each_algorithm_trains_and_checkpoints(workspace, algorithm):
     metrics = run.data.metrics
     assert "reward/mean" in metrics and "time/sample" in metrics and "loss" in metrics
     assert run.data.params["algorithm.name"] == algorithm
+    # pictures of the evaluation prompts at step 0 (base beside policy) and after each epoch; artifacts
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(Path(cfg.output_dir).resolve())  # beside the store, not in the cwd
+    steps = sorted(int(p.name.split("+step+")[1].split("+")[0]) for p in (artifacts / "images").glob("*.png"))
+    assert steps == [0, 1, 2], steps
+    assert len(list((artifacts / "eval").glob("*.ply"))) == 4 and len(list((artifacts / "eval").glob("*.png"))) == 4
+    assert (artifacts / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert yaml.safe_load((artifacts / "config.yaml").read_text())["algorithm"]["name"] == algorithm
 
 
 def test_rerun_with_same_name_resumes_the_same_mlflow_run(workspace):

@@ -16,7 +16,16 @@ if TYPE_CHECKING:  # a runtime import would be circular (splats.py imports rende
 
 
 def save_grid_png(images, path: str | os.PathLike, nrow: int | None = None, padding: int = 2) -> str:
-    """Write images in [0, 1] as one grid PNG; returns the path.
+    """Write images in [0, 1] as one grid PNG (see :func:`grid_image`); returns the path."""
+    grid = grid_image(images, nrow, padding)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return path
+
+
+def grid_image(images, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """Images in [0, 1] as one grid, (H', W', 3) uint8.
 
     ``images``: (B, V, 3, H, W) (one row per object unless ``nrow`` says otherwise),
     (N, 3, H, W), or a list of (3, H, W) / (V, 3, H, W) tensors of the same H x W (one row per
@@ -26,26 +35,23 @@ def save_grid_png(images, path: str | os.PathLike, nrow: int | None = None, padd
 
     if isinstance(images, (list, tuple)):
         if not images or not all(isinstance(t, torch.Tensor) and t.ndim in (3, 4) for t in images):
-            raise ValueError("save_grid_png: a list of images must hold (3, H, W) or (V, 3, H, W) tensors")
+            raise ValueError("grid_image: a list of images must hold (3, H, W) or (V, 3, H, W) tensors")
         rows = [t.detach().float().cpu().reshape(-1, *t.shape[-3:]) for t in images]
         if len({r.shape[1:] for r in rows}) != 1:
-            raise ValueError(f"save_grid_png: list entries differ in (3, H, W): {[tuple(r.shape[1:]) for r in rows]}")
+            raise ValueError(f"grid_image: list entries differ in (3, H, W): {[tuple(r.shape[1:]) for r in rows]}")
         default_nrow = max(r.shape[0] for r in rows)
         images = torch.cat([torch.cat([r, r.new_ones(default_nrow - r.shape[0], *r.shape[1:])]) for r in rows])
     elif isinstance(images, torch.Tensor) and images.ndim in (4, 5):
         default_nrow = images.shape[1] if images.ndim == 5 else images.shape[0]
         images = images.detach().float().cpu().reshape(-1, *images.shape[-3:])
     else:
-        raise ValueError(f"save_grid_png: images expected (B, V, 3, H, W), (N, 3, H, W) or a list, got {_shape(images)}")
+        raise ValueError(f"grid_image: images expected (B, V, 3, H, W), (N, 3, H, W) or a list, got {_shape(images)}")
     if images.shape[1] != 3:
-        raise ValueError(f"save_grid_png: images need 3 channels (..., 3, H, W), got {tuple(images.shape)}")
+        raise ValueError(f"grid_image: images need 3 channels (..., 3, H, W), got {tuple(images.shape)}")
     if not torch.isfinite(images).all():
-        raise ValueError("save_grid_png: images contain non-finite values")
+        raise ValueError("grid_image: images contain non-finite values")
     grid = make_grid(images.clamp(0, 1), nrow=nrow or default_nrow, padding=padding, pad_value=1.0)  # (3, H', W')
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(_to_uint8(grid)).save(path)
-    return path
+    return _to_uint8(grid)
 
 
 @torch.no_grad()

@@ -14,20 +14,25 @@ import os
 import random
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from r2d3ray.config import R2D3Config, load_reward_app_config
 from r2d3ray.eval.prompts import training_prompts
-from r2d3ray.models.lora import add_lora_adapter, load_lora, save_lora, use_adapter
-from r2d3ray.models.pipeline import Rollout, SplatPipeline
+from r2d3ray.models.lora import adapters_disabled, add_lora_adapter, load_lora, save_lora, use_adapter
+from r2d3ray.models.pipeline import Rollout, SplatPipeline, render_views
 from r2d3ray.render.cameras import default_rig, jittered_rig
+from r2d3ray.render.pictures import grid_image, save_grid_png
+from r2d3ray.splats import save_ply
 from r2d3ray.tracking import Tracker, git_commit, resolve_tracking_uri
 
 TINY_PRIOR_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_prior"
+EVAL_SEED = 0  # the evaluation pictures' noise: the same at every step, so they compare
+NUM_DEFAULT_EVAL_PROMPTS = 4  # without tracking.eval_prompts, the first training prompts
 
 
 def load_generator(cfg: R2D3Config):
@@ -98,6 +103,10 @@ class TrainingRun:
         run.tracker.start(cfg.name, run_id=run_id, tags={"algorithm": cfg.algorithm.name,
                                                           "rewards": ",".join(t.name for t in cfg.rewards.terms)})
         run.tracker.log_params({**cfg.flat(), "git_commit": git_commit(Path(__file__).parent)})
+        run.eval_prompts = cfg.tracking.eval_prompts or run.prompt_pool[:NUM_DEFAULT_EVAL_PROMPTS]
+        run.base_views = run.eval_views(base=True)[1]
+        if run_id is None:  # a fresh run: step 0 shows the base model beside the untrained policy
+            run.log_pictures(step=0)
         return run
 
     def _connect_rewards(self, served: bool):
@@ -192,7 +201,10 @@ class TrainingRun:
         else:
             ray.train.report(metrics)
         # Logged after the checkpoint: a worker killed in between redoes the epoch without a duplicate step.
+        first_time = epoch > self.tracker.last_logged_step
         self.tracker.log_metrics(metrics, step=epoch)
+        if first_time and (self.epoch % self.cfg.tracking.log_images_every == 0 or self.epoch == self.cfg.training.epochs):
+            self.log_pictures(step=self.epoch)
         if self.rank == 0:
             per_epoch = (time.monotonic() - self.started) / max(self.epoch - self._first_epoch, 1)
             left = per_epoch * (self.cfg.training.epochs - self.epoch)
@@ -201,7 +213,41 @@ class TrainingRun:
                   f"{loss} | {per_epoch:.1f} s/epoch, ETA {left:.0f} s", flush=True)
         return metrics
 
+    @torch.no_grad()
+    def eval_views(self, base: bool = False):
+        """Splats and default-rig renders (B, V, 3, H, W) of the evaluation prompts from fixed noise, by
+        the policy or (``base``) the frozen base model. Every rank runs it: under ZeRO-3 a forward
+        gathers the parameters collectively."""
+        denoiser = self.pipeline.generator.denoiser
+        with adapters_disabled(denoiser) if base else nullcontext():
+            latents = self.pipeline.sample(self.eval_prompts, torch.Generator().manual_seed(EVAL_SEED)).final
+        splats = self.pipeline.splats(latents)
+        cameras = default_rig(self.pipeline.generator.num_views, self.cfg.render.size)
+        return splats, render_views(splats, cameras)["images"]
+
+    def log_pictures(self, step: int) -> None:
+        """MLflow image ``eval/base_vs_policy`` at ``step`` (epochs done): one row per evaluation
+        prompt, the base model's views on the left, the policy's on the right, same noise."""
+        policy_views = self.eval_views()[1]  # (B, V, 3, H, W)
+        rows = torch.cat([self.base_views, policy_views], dim=1)  # (B, 2V, 3, H, W)
+        self.tracker.log_image(grid_image(rows), "eval/base_vs_policy", step=step)
+
     def finish(self) -> None:
+        """Artifacts of the finished run: the evaluation prompts' PLY files and pictures by the final
+        policy, its LoRA (diffusers format) and the resolved config."""
+        splats, views = self.eval_views()
+        if self.tracker.active:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp)
+                (out / "eval").mkdir()
+                for i, prompt in enumerate(self.eval_prompts):
+                    stem = f"{i:02d}_" + "".join(c if c.isalnum() else "_" for c in prompt)[:60]
+                    save_ply(out / "eval" / f"{stem}.ply", splats[i])
+                    save_grid_png(views[i], out / "eval" / f"{stem}.png")
+                save_lora(self.pipeline.generator.denoiser, out / "lora", adapter="policy")
+                use_adapter(self.pipeline.generator.denoiser, "policy")
+                (out / "config.yaml").write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+                self.tracker.log_artifact(out)
         self.tracker.end()
 
     # ------------------------------------------------------------------ checkpoints
