@@ -182,6 +182,23 @@ def test_registry_builds_known_names_and_lists_them_for_unknown_ones():
         register_reward("test_contrast")(Brightness)
 
 
+def test_a_reward_from_another_package_is_named_module_colon_name(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "import torch\n"
+        "from r2d3ray.rewards.base import RewardModel\n"
+        "from r2d3ray.rewards.registry import register_reward\n"
+        "@register_reward('my_mean')\n"
+        "class MyMean(RewardModel):\n"
+        "    name = 'my_mean'\n"
+        "    def forward(self, images, prompts, extras):\n"
+        "        return images.mean((2, 3, 4))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert type(build_reward("my_rewards:my_mean")).__name__ == "MyMean"
+    with pytest.raises(ValueError, match="cannot import module 'no_such_pkg'"):
+        build_reward("no_such_pkg:x")
+
+
 def test_combined_weights_and_mean_aggregation(gen):
     images = torch.rand(2, 3, 3, 5, 5, generator=gen, dtype=torch.float64)
     prompts = ["ab", "abcd"]

@@ -56,11 +56,7 @@ def available_rewards() -> list[str]:
 
 def build_reward(name: str, **kwargs) -> RewardModel:
     """Build the reward registered as ``name`` with the factory's keyword arguments."""
-    if name not in _REGISTRY and name in _BUILTIN_MODULES:
-        importlib.import_module(_BUILTIN_MODULES[name])
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(available_rewards())}")
-    return _REGISTRY[name](**kwargs)
+    return reward_class(name)(**kwargs)
 
 
 @dataclass
@@ -105,7 +101,17 @@ class CombinedRewardOutput:
 
 
 def reward_class(name: str):
-    """The factory registered as ``name`` (its ``needs`` tell a trainer which render channels to send)."""
+    """The factory registered as ``name`` (its ``needs`` tell a trainer which render channels to send).
+
+    ``package.module:name`` names a reward registered outside r2d3ray: the module is imported first
+    (its ``@register_reward`` runs), then ``name`` is looked up."""
+    module, _, name = name.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"reward {module}:{name}: cannot import module {module!r} ({err}); it must be "
+                             "importable where the reward runs (installed, or on PYTHONPATH)") from None
     if name not in _REGISTRY and name in _BUILTIN_MODULES:
         importlib.import_module(_BUILTIN_MODULES[name])
     if name not in _REGISTRY:

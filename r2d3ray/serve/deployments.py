@@ -26,7 +26,6 @@ imports the module first so that its `@register_reward("name")` runs there.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import time
 import warnings
@@ -91,11 +90,8 @@ class RewardServer:
     def __init__(self, reward: str, kwargs: dict[str, Any], max_batch_size: int, batch_wait_timeout_s: float):
         from r2d3ray.rewards.registry import build_reward
 
-        module, _, name = reward.rpartition(":")
-        if module:
-            importlib.import_module(module)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = build_reward(name, **kwargs).to(self.device).eval()
+        self.model = build_reward(reward, **kwargs).to(self.device).eval()
         self._anchor = object_store_anchor()
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
