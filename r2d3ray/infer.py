@@ -40,17 +40,21 @@ def slugify(prompt: str) -> str:
 
 
 def resolve_lora(path: str | Path) -> Path:
-    """The LoRA directory of ``path``: ``path`` itself when it holds the LoRA weights, else the
-    ``lora/`` folder of a training checkpoint directory."""
+    """The LoRA directory of ``path``: ``path`` itself when it holds the LoRA weights, the ``lora/``
+    folder of a training checkpoint directory, or that of the newest checkpoint of a run directory
+    (``<output_dir>/ray_results/<name>``, whose ``checkpoint_<timestamp>`` names sort by time)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"LoRA {str(path)!r} is not a directory; give a LoRA directory (holding "
-                                f"{LORA_WEIGHT_NAME_SAFE}) or a training checkpoint directory that contains lora/")
-    for candidate in (path, path / "lora"):
+                                f"{LORA_WEIGHT_NAME_SAFE}), a training checkpoint directory that contains lora/ "
+                                "or a run directory holding checkpoint_* folders")
+    checkpoints = sorted(p for p in path.glob("checkpoint_*") if (p / "lora" / LORA_WEIGHT_NAME_SAFE).is_file())
+    candidates = [path, path / "lora"] + ([checkpoints[-1] / "lora"] if checkpoints else [])
+    for candidate in candidates:
         if (candidate / LORA_WEIGHT_NAME_SAFE).is_file():
             return candidate
     raise FileNotFoundError(f"no LoRA weights in {str(path)!r}: looked for {path / LORA_WEIGHT_NAME_SAFE} and "
-                            f"{path / 'lora' / LORA_WEIGHT_NAME_SAFE}")
+                            f"{path / 'lora' / LORA_WEIGHT_NAME_SAFE} and checkpoint_*/lora/ under it")
 
 
 def build_pipeline(cfg: R2D3Config, lora: str | Path | None = None, device: str | None = None) -> SplatPipeline:

@@ -149,3 +149,13 @@ def test_ray_job_writes_the_same_files_as_the_cli(tiny_run, tmp_path):
     assert cli_files == sorted(p.name for p in (tmp_path / "job").iterdir()) and len(cli_files) == 9
     for name in cli_files:
         assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "job" / name).read_bytes(), name
+
+
+def test_a_run_directory_resolves_to_its_newest_checkpoints_lora(tmp_path):
+    from r2d3ray.infer import resolve_lora
+
+    for stamp in ("2026-11-22_07-00-00.000001", "2026-11-22_07-05-00.000001"):
+        (tmp_path / f"checkpoint_{stamp}" / "lora").mkdir(parents=True)
+        (tmp_path / f"checkpoint_{stamp}" / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (tmp_path / "checkpoint_2026-11-22_07-09-00.000001").mkdir()  # being written: no LoRA yet
+    assert resolve_lora(tmp_path) == tmp_path / "checkpoint_2026-11-22_07-05-00.000001" / "lora"

@@ -103,3 +103,8 @@ def test_training_prompts_apply_the_config(tmp_path):
         training_prompts(build_config(overrides=[f"prompts.reward_file={cache}"]))
     with pytest.raises(ValueError, match="needs a prompt file"):
         training_prompts(build_config(overrides=["model.kind=diffsplat"]))
+
+
+def test_committed_held_out_prompt_file_is_the_worlds_held_out_split():
+    # configs/prompts/tiny_held_out.txt is what the README's `r2d3ray eval` walkthrough reads
+    assert read_prompts("configs/prompts/tiny_held_out.txt") == split_prompts("held_out")
