@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_prior.add_argument("--model", metavar="DIR", help="a tiny prior directory (default: the committed one)")
     eval_prior.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default 4)")
     eval_prior.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    eval_prior.add_argument("--guidance-scale", type=float, default=4.5, help="CFG scale (default 4.5)")
+    eval_prior.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale (default 3.0, as configs/toy.yaml samples)")
     eval_prior.add_argument("--out", metavar="FILE", help="also write the numbers as JSON")
     eval_prior.set_defaults(func=cmd_eval_prior)
 

@@ -20,7 +20,7 @@ import math
 import torch
 
 from r2d3ray.models.generator import SplatGenerator
-from r2d3ray.models.schedulers import SDEDPMSolver, ode_sample, sample_trajectory
+from r2d3ray.models.pipeline import SplatPipeline
 from r2d3ray.models.world import COLORS, parse_prompt, silhouette, split_prompts
 from r2d3ray.render.cameras import Cameras
 from r2d3ray.render.rasterize import RenderOutput, render_splats
@@ -67,27 +67,16 @@ def generate(
     prompts: list[str],
     seed: int,
     num_steps: int = 20,
-    guidance_scale: float = 4.5,
+    guidance_scale: float = 3.0,
     sampler: str = "sde",
 ) -> torch.Tensor:
     """Clean latents (B, V, C, h, w) for ``prompts`` from noise drawn with ``seed`` (CPU generator),
     by 20-step SDE-DPM-Solver++ (``"sde"``) or 2nd-order DPM-Solver++ (``"ode"``) with CFG."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: expected one of {SAMPLERS}")
-    rng = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(len(prompts), *generator.latent_shape, generator=rng).to(generator.device)
-    embeds = generator.encode_prompts(prompts)
-    negative = generator.negative_embeds(len(prompts))
-
-    def denoise(x_t, t):
-        return generator.predict(x_t, t, embeds, guidance_scale=guidance_scale, negative=negative)
-
-    if sampler == "sde":
-        solver = SDEDPMSolver(num_steps, eta=1.0, **generator.scheduler_config)
-        trajectory = sample_trajectory(denoise, x_T, solver, generator=rng)
-    else:
-        trajectory = ode_sample(denoise, x_T, num_steps, **generator.scheduler_config)
-    return trajectory.latents[-1]
+    pipe = SplatPipeline(generator, num_steps, eta=1.0, guidance_scale=guidance_scale)
+    rng = torch.Generator().manual_seed(seed)  # the initial noise, then the SDE steps' noise
+    return pipe.sample(prompts, rng).final if sampler == "sde" else pipe.sample_ode(prompts, rng)
 
 
 @torch.no_grad()
@@ -96,7 +85,7 @@ def evaluate_prior(
     prompts: list[str] | None = None,
     seeds=(0, 1, 2, 3),
     num_steps: int = 20,
-    guidance_scale: float = 4.5,
+    guidance_scale: float = 3.0,
     sampler: str = "sde",
     render_size: int = 128,
     batch_size: int = 64,
@@ -157,28 +146,3 @@ def evaluate_prior(
         samples=samples,
     )
 
-
-if __name__ == "__main__":
-    # python -m r2d3ray.eval.prior MODEL_DIR [OUT.json]: the README's quality table.
-    import argparse
-    import json
-
-    from r2d3ray.models.tiny import TinySplatGenerator
-
-    parser = argparse.ArgumentParser(description="Colour accuracy and silhouette IoU of a tiny prior on held-out prompts")
-    parser.add_argument("model", help="directory written by pretrain / save_pretrained")
-    parser.add_argument("--out", help="write the full result (with per-sample rows) to this JSON file")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--num-steps", type=int, default=20)
-    parser.add_argument("--guidance-scale", type=float, default=4.5)
-    parser.add_argument("--sampler", choices=SAMPLERS, default="sde")
-    parser.add_argument("--render-size", type=int, default=128)
-    args = parser.parse_args()
-    result = evaluate_prior(
-        TinySplatGenerator.from_pretrained(args.model), seeds=args.seeds, num_steps=args.num_steps,
-        guidance_scale=args.guidance_scale, sampler=args.sampler, render_size=args.render_size,
-    )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
