@@ -89,7 +89,7 @@ def cmd_eval_prior(args: argparse.Namespace) -> int:
 
     from r2d3ray.eval.prior import evaluate_prior
     from r2d3ray.models.tiny import TinySplatGenerator
-    from r2d3ray.train.run import TINY_PRIOR_DIR
+    from r2d3ray.models.loading import TINY_PRIOR_DIR
 
     generator = TinySplatGenerator.from_pretrained(args.model or TINY_PRIOR_DIR)
     result = evaluate_prior(generator, seeds=tuple(range(args.seeds)), num_steps=args.steps,

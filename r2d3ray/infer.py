@@ -24,12 +24,12 @@ from tqdm import tqdm
 
 from r2d3ray.config import R2D3Config, RenderConfig
 from r2d3ray.eval.prompts import read_prompts
+from r2d3ray.models.loading import load_generator
 from r2d3ray.models.lora import load_lora
 from r2d3ray.models.pipeline import SplatPipeline, render_views
 from r2d3ray.render.cameras import default_rig, jittered_rig
 from r2d3ray.render.pictures import save_grid_png, save_turntable_gif
 from r2d3ray.splats import save_ply
-from r2d3ray.train.run import load_generator
 
 # cli.py's `sample` command imports the old name.
 read_prompt_file = read_prompts

@@ -70,7 +70,7 @@ def with_absolute_paths(cfg: R2D3Config) -> R2D3Config:
 
 def make_plan(cfg: R2D3Config) -> Plan:
     """Check everything that can be checked without a cluster: files, reward names, resources."""
-    from r2d3ray.train.run import TINY_PRIOR_DIR
+    from r2d3ray.models.loading import TINY_PRIOR_DIR
 
     app = load_reward_app_config(cfg.rewards.app_config)
     served = {d.name for d in app.deployments}

@@ -23,31 +23,16 @@ import yaml
 
 from r2d3ray.config import R2D3Config, load_reward_app_config
 from r2d3ray.eval.prompts import training_prompts
+from r2d3ray.infer import write_outputs
+from r2d3ray.models.loading import load_generator
 from r2d3ray.models.lora import adapters_disabled, add_lora_adapter, load_lora, save_lora, use_adapter
 from r2d3ray.models.pipeline import Rollout, SplatPipeline, render_views
 from r2d3ray.render.cameras import default_rig, jittered_rig
-from r2d3ray.render.pictures import grid_image, save_grid_png
-from r2d3ray.splats import save_ply
+from r2d3ray.render.pictures import grid_image
 from r2d3ray.tracking import Tracker, git_commit, resolve_tracking_uri
 
-TINY_PRIOR_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_prior"
 EVAL_SEED = 0  # the evaluation pictures' noise: the same at every step, so they compare
 NUM_DEFAULT_EVAL_PROMPTS = 4  # without tracking.eval_prompts, the first training prompts
-
-
-def load_generator(cfg: R2D3Config):
-    """The base model named by `cfg.model`, frozen; LoRA adapters are added by the caller."""
-    if cfg.model.kind == "tiny":
-        from r2d3ray.models.tiny import TinySplatGenerator
-
-        generator = TinySplatGenerator.from_pretrained(cfg.model.path or TINY_PRIOR_DIR)
-    else:
-        from r2d3ray.models.diffsplat import DiffSplatGenerator
-
-        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-        generator = DiffSplatGenerator.from_pretrained(cfg.model.path, torch_dtype=dtype,
-                                                       upcast_softmax=cfg.model.fp32_softmax)
-    return generator.requires_grad_(False)
 
 
 def reward_needs(cfg: R2D3Config) -> frozenset[str]:
@@ -104,7 +89,7 @@ class TrainingRun:
                                                           "rewards": ",".join(t.name for t in cfg.rewards.terms)})
         run.tracker.log_params({**cfg.flat(), "git_commit": git_commit(Path(__file__).parent)})
         run.eval_prompts = cfg.tracking.eval_prompts or run.prompt_pool[:NUM_DEFAULT_EVAL_PROMPTS]
-        run.base_views = run.eval_views(base=True)[1]
+        run.base_views = run.eval_views(run.eval_latents(base=True))
         if run_id is None:  # a fresh run: step 0 shows the base model beside the untrained policy
             run.log_pictures(step=0)
         return run
@@ -214,36 +199,34 @@ class TrainingRun:
         return metrics
 
     @torch.no_grad()
-    def eval_views(self, base: bool = False):
-        """Splats and default-rig renders (B, V, 3, H, W) of the evaluation prompts from fixed noise, by
-        the policy or (``base``) the frozen base model. Every rank runs it: under ZeRO-3 a forward
-        gathers the parameters collectively."""
+    def eval_latents(self, base: bool = False) -> torch.Tensor:
+        """Clean latents (B, V, C, h, w) of the evaluation prompts from fixed noise, by the policy or
+        (``base``) the frozen base model. Every rank runs it: under ZeRO-3 a forward gathers the
+        parameters collectively."""
         denoiser = self.pipeline.generator.denoiser
         with adapters_disabled(denoiser) if base else nullcontext():
-            latents = self.pipeline.sample(self.eval_prompts, torch.Generator().manual_seed(EVAL_SEED)).final
-        splats = self.pipeline.splats(latents)
+            return self.pipeline.sample(self.eval_prompts, torch.Generator().manual_seed(EVAL_SEED)).final
+
+    def eval_views(self, latents: torch.Tensor) -> torch.Tensor:
+        """Default-rig renders (B, V, 3, H, W) of ``latents`` at the render size."""
         cameras = default_rig(self.pipeline.generator.num_views, self.cfg.render.size)
-        return splats, render_views(splats, cameras)["images"]
+        return render_views(self.pipeline.splats(latents), cameras)["images"]
 
     def log_pictures(self, step: int) -> None:
         """MLflow image ``eval/base_vs_policy`` at ``step`` (epochs done): one row per evaluation
         prompt, the base model's views on the left, the policy's on the right, same noise."""
-        policy_views = self.eval_views()[1]  # (B, V, 3, H, W)
+        policy_views = self.eval_views(self.eval_latents())  # (B, V, 3, H, W)
         rows = torch.cat([self.base_views, policy_views], dim=1)  # (B, 2V, 3, H, W)
         self.tracker.log_image(grid_image(rows), "eval/base_vs_policy", step=step)
 
     def finish(self) -> None:
         """Artifacts of the finished run: the evaluation prompts' PLY files and pictures by the final
         policy, its LoRA (diffusers format) and the resolved config."""
-        splats, views = self.eval_views()
+        latents = self.eval_latents()
         if self.tracker.active:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp)
-                (out / "eval").mkdir()
-                for i, prompt in enumerate(self.eval_prompts):
-                    stem = f"{i:02d}_" + "".join(c if c.isalnum() else "_" for c in prompt)[:60]
-                    save_ply(out / "eval" / f"{stem}.ply", splats[i])
-                    save_grid_png(views[i], out / "eval" / f"{stem}.png")
+                write_outputs(self.pipeline, self.eval_prompts, latents, out / "eval", size=self.cfg.render.size)
                 save_lora(self.pipeline.generator.denoiser, out / "lora", adapter="policy")
                 use_adapter(self.pipeline.generator.denoiser, "policy")
                 (out / "config.yaml").write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
