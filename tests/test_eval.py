@@ -8,7 +8,7 @@ import open_clip
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_infer import run_command, single_thread, tiny_run  # noqa: F401  (shared fixtures)
+from test_infer import run_command, tiny_run  # noqa: F401  (shared fixtures)
 
 from r2d3ray.eval.metrics import ClipScorer, diversity, kid, mean_se, parse_runs
 from r2d3ray.eval.prompts import filter_by_reward

@@ -21,14 +21,6 @@ SIZE = 32  # render size of the test config
 NUM_GAUSSIANS = 4 * 32 * 32  # V x latent resolution²
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

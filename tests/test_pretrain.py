@@ -20,14 +20,6 @@ TINY_MODEL = dict(resolution=8, patch_size=4, num_layers=1, num_attention_heads=
                   caption_channels=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two cores shared with other test runs: one thread is faster than two fighting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_pretrain_writes_a_loadable_checkpoint_and_an_mlflow_run(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -35,15 +35,6 @@ TINY_VIT_L = dict(
 PROMPTS = ["a red wooden chair", "a small blue teapot"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These models are tiny: a second intra-op thread only adds synchronisation, which on a busy
-    2-core machine costs ~40x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def images_like(B=2, V=2, size=32, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)

@@ -20,14 +20,6 @@ from r2d3ray.render.rasterize import render_splats
 from r2d3ray.splats import decode_splatter_images
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two cores shared with other test runs: one thread is faster than two fighting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_parse_prompt_roles_any_order_and_case():
     assert parse_prompt("A small RED cube.") == ObjectSpec(color="red", shape="cube", size="small")
