@@ -117,8 +117,9 @@ def register(subparsers) -> None:
     )
     _add_config_args(evaluate)
     evaluate.add_argument("--runs", required=True, metavar="base,RUN,...",
-                          help="comma-separated models: 'base', LoRA directories or training checkpoints "
-                               "(containing lora/), each optionally as LABEL=PATH; the base model is always included")
+                          help="comma-separated models: 'base', LoRA directories, training checkpoints "
+                               "(containing lora/) or run directories (their newest checkpoint), each optionally as "
+                               "LABEL=PATH; the base model is always included")
     evaluate.add_argument("--prompts", required=True, metavar="FILE",
                           help="held-out prompts: a text file (one per line) or a Parquet prompt set")
     evaluate.add_argument("--split", default=None, help="with a Parquet prompt set: use only the rows of this split")
