@@ -58,7 +58,7 @@ class ConvNetReward(RewardModel):
 
     name = "bench_convnet"
 
-    def __init__(self, width: int = 24, threads: int = 1, seed: int = 0):
+    def __init__(self, width: int = 28, threads: int = 1, seed: int = 0):
         super().__init__()
         torch.set_num_threads(threads)
         generator_state = torch.random.get_rng_state()
@@ -231,7 +231,11 @@ def run(args) -> dict:
         "floor_ms": 1e3 * handle_payload / bandwidth,  # the handle path's bytes, copied once
         "results": rows,
         "handle_overhead_target": 0.15,
-        "handle_within_target": next((r["overhead_ratio"] <= 1.15 for r in rows if r["mode"] == "handle"), None),
+        # The target is stated for rewards that cost at least 100 ms in-process; a cheaper one is
+        # not judged (a fixed few ms of transport is a large share of a tiny cost).
+        "reward_cost_ms": rows[0]["p50_ms"],
+        "handle_within_target": next((r["overhead_ratio"] <= 1.15 for r in rows if r["mode"] == "handle"), None)
+        if rows[0]["p50_ms"] >= 100.0 else None,
     }
 
 
@@ -254,7 +258,11 @@ def print_table(report: dict) -> None:
     print(f"floor (the handle path's bytes copied once at {m['copy_bandwidth_gb_s']:.1f} GB/s): "
           f"{report['floor_ms']:.1f} ms")
     if report["handle_within_target"] is not None:
-        print(f"handle overhead {'within' if report['handle_within_target'] else 'OVER'} the 15% target")
+        print(f"handle overhead {'within' if report['handle_within_target'] else 'OVER'} the 15% target "
+              f"(for a reward of >= 100 ms; this one: {report['reward_cost_ms']:.0f} ms)")
+    elif "handle" in c["modes"]:
+        print(f"the 15% target is for rewards of >= 100 ms; this one took {report['reward_cost_ms']:.0f} ms "
+              "in-process: raise --width to judge it")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4, help="objects per request, B (default 4)")
     parser.add_argument("--views", type=int, default=4, help="views per object, V (default 4)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    parser.add_argument("--width", type=int, default=24, help="conv net width; sets the reward's cost (default 24)")
+    parser.add_argument("--width", type=int, default=28,
+                        help="conv net width; sets the reward's cost (default 28: ~115 ms on one thread of "
+                             "the build machine, above the 100 ms the overhead target is stated for)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads, in-process and in the replica (default 1)")
     parser.add_argument("--batch-wait", type=float, default=0.0, metavar="S",
