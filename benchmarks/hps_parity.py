@@ -2,10 +2,15 @@
 
     python benchmarks/hps_parity.py --checkpoint /path/to/HPS_v2.1_compressed.pt [--version v2.1]
         [--device cuda] [--images a.png b.png --prompt "..."]
+    python benchmarks/hps_parity.py --random-weights      # no download: a seeded random ViT-H-14
 
 Needs the ``hpsv2`` package (``pip install 'r2d3ray[hps-parity]'``) and the HPS checkpoint (Hugging
-Face repo xswu/HPSv2). Without either it says what is missing and exits 0. The hpsv2 wheel lacks its
-BPE vocabulary, so both models use open_clip's tokenizer (the same SimpleTokenizer and vocabulary).
+Face repo xswu/HPSv2). Without either it says what is missing and exits 0. ``--random-weights``
+instead saves a seeded random-weight ViT-H-14 built by hpsv2's own factory in the HPS checkpoint
+layout (``{"state_dict": ...}``) and loads that file into both models: same weights, so it checks the
+architecture, the loading and the preprocessing without the real checkpoint. The hpsv2 wheel lacks
+its BPE vocabulary (its tokenizer module fails on import), so hpsv2's open_clip is given open_clip's
+tokenizer module, the same SimpleTokenizer and vocabulary, and both models use it.
 
 Two comparisons, on synthetic smooth images (or the given image files):
 - model: hpsv2's ViT-H-14 and ours on the same preprocessed tensors; they must agree to float
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +54,38 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", nargs="*", type=Path, help="image files to score (default: synthetic)")
     parser.add_argument("--prompt", help="the prompt for --images (default: one of a fixed list per image)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="compare on a seeded random-weight ViT-H-14 instead of a downloaded checkpoint")
     args = parser.parse_args()
 
+    # hpsv2's tokenizer module reads its (missing) vocabulary on import; open_clip's is the same code.
+    sys.modules.setdefault("hpsv2.src.open_clip.tokenizer", open_clip.tokenizer)
     try:
         from hpsv2.src.open_clip import create_model_and_transforms
     except ImportError as error:
         print(f"hps_parity: skipped, the hpsv2 package is not importable ({error}). "
               "Install it with `pip install 'r2d3ray[hps-parity]'` to compare against it.")
         return 0
+
+    def their_model():
+        # pretrained=None: build the architecture only (no LAION download), as hpsv2/img_score.py does.
+        return create_model_and_transforms(
+            "ViT-H-14", None, precision="fp32", device=args.device, jit=False, force_quick_gelu=False,
+            force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
+            image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
+            with_score_predictor=False, with_region_predictor=False,
+        )
+
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.random_weights:
+            torch.manual_seed(0)
+            args.checkpoint = Path(scratch) / HPS_CHECKPOINTS[args.version]
+            torch.save({"state_dict": their_model()[0].state_dict()}, args.checkpoint)
+            print(f"random-weight ViT-H-14 (seed 0) saved in the HPS layout at {args.checkpoint}")
+        return compare(args, their_model)
+
+
+def compare(args: argparse.Namespace, their_model) -> int:
     checkpoint = args.checkpoint
     if checkpoint is not None and checkpoint.is_dir():
         checkpoint = checkpoint / HPS_CHECKPOINTS[args.version]
@@ -68,14 +98,7 @@ def main() -> int:
     prompts = [args.prompt] * len(images) if args.prompt else (DEFAULT_PROMPTS * len(images))[: len(images)]
 
     ours = HPSv2Reward(checkpoint, version=args.version).to(args.device)
-    # pretrained=None: build the architecture only (no LAION download), then load the HPS weights
-    # exactly as hpsv2/img_score.py does.
-    theirs, _, preprocess_val = create_model_and_transforms(
-        "ViT-H-14", None, precision="fp32", device=args.device, jit=False, force_quick_gelu=False,
-        force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
-        image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
-        with_score_predictor=False, with_region_predictor=False,
-    )
+    theirs, _, preprocess_val = their_model()  # then the HPS weights, loaded as hpsv2/img_score.py does
     theirs.load_state_dict(torch.load(checkpoint, map_location="cpu")["state_dict"])
     theirs.eval()
     tokens = open_clip.get_tokenizer("ViT-H-14")(prompts).to(args.device)
