@@ -11,19 +11,61 @@ where reward compute is the in-process run's reward time (there the trainer wait
 1.0 means reward compute hid entirely behind trainer compute; 0 means the two took turns.
 Target: with served rewards, reward wait under 10% of step time when reward compute is under the
 trainer's compute. Numbers are written to JSON (`--out`); record them in benchmarks/README.md.
+
+The embedded rewards take about a millisecond, too little for the overlap to show. `--reward-ms MS`
+makes every reward request take MS milliseconds longer (`DelayedReward` below: the same reward,
+values and gradients, after a sleep), standing in for a learned reward on its own accelerator,
+HPSv2 on a reward GPU: the time passes on the reward's device, not on the trainer's cores. (A
+compute-bound CPU reward would instead take the cores of this 2-core machine from the two
+trainer workers, and the benchmark would measure that contention, not the overlap.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+
+from r2d3ray.rewards import RewardModel, register_reward  # noqa: E402
+from r2d3ray.rewards.registry import build_reward  # noqa: E402
+
+
+@register_reward("delayed")
+class DelayedReward(RewardModel):
+    """The reward `inner` (built with `inner_kwargs`), each request `delay_ms` longer: a costly reward."""
+
+    name = "delayed"
+
+    def __init__(self, inner: str, delay_ms: float, inner_kwargs: dict | None = None):
+        super().__init__()
+        self.inner = build_reward(inner, **(inner_kwargs or {}))
+        self.needs, self.grad_extras, self.delay_s = self.inner.needs, self.inner.grad_extras, delay_ms / 1e3
+
+    def forward(self, images, prompts, extras):
+        time.sleep(self.delay_s)  # the reward's device is busy; this process's cores are not
+        return self.inner(images, prompts, extras)
+
+
+def delayed_app_config(app_config: Path, delay_ms: float, out: Path) -> Path:
+    """A copy of the reward app config at `app_config` whose every reward is `DelayedReward`."""
+    app = yaml.safe_load(app_config.read_text())
+    for deployment in app["deployments"]:
+        deployment["kwargs"] = {"inner": deployment["reward"], "delay_ms": delay_ms,
+                                "inner_kwargs": deployment.get("kwargs") or {}}
+        deployment["reward"] = "bench_pipeline:delayed"  # the replica imports this file for it
+    out.write_text(yaml.safe_dump(app))
+    return out
 
 
 def run_once(served: bool, workdir: Path, overrides: list[str]) -> dict:
@@ -51,8 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smaller job: 8 sampling steps, 32-pixel renders")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config overrides for both runs")
+    parser.add_argument("--reward-ms", type=float, default=0.0, metavar="MS",
+                        help="make every reward request MS ms longer, a costly reward on its own device "
+                             "(default 0: the embedded rewards as they are, about 1 ms)")
     parser.add_argument("--out", default="bench_pipeline.json", help="JSON output path")
     args = parser.parse_args(argv)
+    if args.reward_ms < 0:
+        parser.error(f"--reward-ms {args.reward_ms}: must be >= 0")
 
     import ray
     import torch
@@ -62,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides += ["sampling.num_steps=8", "render.size=32"]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.reward_ms > 0:
+            app_config = delayed_app_config(ROOT / "configs" / "rewards_toy.yaml", args.reward_ms,
+                                            Path(tmp) / "rewards_delayed.yaml")
+            overrides.append(f"rewards.app_config={app_config}")
+            # Train workers and reward replicas import this file for `bench_pipeline:delayed`.
+            path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+            ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path, "DS_ACCELERATOR": "cpu"}})
         for served in (False, True):
             results["served" if served else "in_process"] = run_once(served, Path(tmp), overrides)
         ray.shutdown()
@@ -71,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"] = {"platform": platform.platform(), "cpus": __import__("os").cpu_count(),
                           "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     results["overrides"] = overrides
+    results["reward_delay_ms"] = args.reward_ms
 
     print(f"\n{'rewards':<12}{'samples/s':>10}{'sample s':>10}{'reward wait s':>15}{'train s':>10}{'wait %':>8}")
     for label in ("in_process", "served"):
