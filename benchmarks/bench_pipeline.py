@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     compute = results["in_process"]["time_reward_wait"] or 0.0
     served = results["served"]
     results["overlap_efficiency"] = 1.0 - served["time_reward_wait"] / compute if compute > 0 else None
-    results["machine"] = {"platform": platform.platform(), "cpus": __import__("os").cpu_count(),
+    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     results["overrides"] = overrides
     results["reward_delay_ms"] = args.reward_ms
