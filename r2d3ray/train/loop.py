@@ -27,6 +27,7 @@ def train_loop_per_worker(config: dict) -> None:
                     algorithm.update(batch)                #   loss -> engine.backward -> engine.step
                 samples += len(batch["prompts"]) if isinstance(batch, dict) else len(batch)
         if hasattr(algorithm, "end_epoch"):
-            algorithm.end_epoch()
+            with run.timer("train"):
+                algorithm.end_epoch()                      #   (NFT: the old policy follows; Nabla: log sample rewards)
         run.end_epoch(epoch, samples)                      # 3 checkpoint, MLflow, progress line
     run.finish()

@@ -5,12 +5,15 @@ and reward plane of a `TrainingRun`. The loss code never sees Ray: rewards and t
 gradients come back from `run.rewards` as tensors, and pushing a gradient back through renderer,
 decoder and policy is a local `torch.autograd.grad`.
 
-Reward requests overlap with compute: Nabla sends the render of x̂0(x_{t-1}) to the reward plane
-first and computes the reference and policy scores while the reward is in flight; NFT sends each
-sampling batch's renders and samples the next batch meanwhile.
+Reward requests overlap with compute: Nabla sends the render of x̂0(x_{t-1}) of the next
+transition before the current one's backward and computes that backward and the next transition's
+reference and policy scores while the reward is in flight; NFT sends each sampling batch's renders
+and samples the next batch meanwhile.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +24,7 @@ from r2d3ray.algorithms.subsampling import num_train_steps
 from r2d3ray.models.lora import adapter_parameters, adapters_disabled, use_adapter
 from r2d3ray.models.pipeline import Rollout
 from r2d3ray.models.schedulers import predict_x0
+from r2d3ray.serve.client import PendingObjective
 
 
 def _log_rewards(run, out, prefix: str = "reward") -> None:
@@ -53,7 +57,8 @@ class NablaUpdates:
                                for _ in range(s.num_batches_per_epoch)])
         with torch.no_grad():
             views = run.pipeline.render(rollout.final, run.reward_cameras(len(rollout)), run.needs)
-        _log_rewards(run, run.rewards.submit(views, rollout.prompts, with_grad=False).result())
+        # Scored for the log only: read at the end of the epoch, so training does not wait for it.
+        self.sample_scores = run.rewards.submit(views, rollout.prompts, with_grad=False)
         if self.cfg.trajectories == "fresh":
             return rollout
         train_on, run.stale = run.stale, rollout
@@ -73,12 +78,13 @@ class NablaUpdates:
         B = len(batch)
         steps = self.algo.transition_steps(B, sampler.num_inference_steps, run.rng)  # (B, n), final step first
         rows = torch.arange(B)
-        for k in range(steps.shape[1]):
-            idx = steps[:, k]
-            x_t, x_prev = batch.latents[rows, idx], batch.latents[rows, idx + 1]  # (B, V, C, h, w)
-            t, t_prev = batch.timesteps[idx], sampler.prev_timesteps[idx]
 
-            # 1. Forward-looking reward gradient at x_{t-1}: render x̂0_θ(x_{t-1}), send it, keep computing.
+        def request_reward_grad(k: int) -> _Transition:
+            """1. Forward-looking reward gradient at x_{t-1}: render x̂0_θ(x_{t-1}) and send it."""
+            idx = steps[:, k]
+            t_prev = sampler.prev_timesteps[idx]
+            x_prev = batch.latents[rows, idx + 1]  # (B, V, C, h, w)
+
             def x0_policy(x):  # adapters on, the network's Jacobian kept (as the reference)
                 return predict_x0(gen.eps_from_output(gen.predict(x, t_prev, embeds, guidance)), x, t_prev,
                                   sampler.alphas_cumprod)
@@ -87,6 +93,18 @@ class NablaUpdates:
             if self.cfg.reward_context == "inference" and "depths" in views:
                 views["depths"] = views["depths"].detach()  # depth-derived normals: a stop-gradient target
             pending = run.rewards.submit({k: v.detach() for k, v in views.items()}, batch.prompts, with_grad=True)
+            return _Transition(idx, x_leaf, views, pending)
+
+        # Each transition's request is in flight while the trainer computes the previous transition's
+        # backward and its own two scores. Sending it early is exact: the optimizer steps only at
+        # the end of a batch (micro_steps_per_update counts every transition of the batch), so θ is
+        # the same. Render graphs are held one at a time (the next one is built after pull_back).
+        upcoming = request_reward_grad(0)
+        for k in range(steps.shape[1]):
+            tr = upcoming
+            idx = tr.idx
+            x_t, x_prev = batch.latents[rows, idx], batch.latents[rows, idx + 1]  # (B, V, C, h, w)
+            t, t_prev = batch.timesteps[idx], sampler.prev_timesteps[idx]
 
             # 2. Reference score (adapters off) and policy score (with grad) of the sampled transition.
             with torch.no_grad(), adapters_disabled(gen.denoiser):
@@ -96,17 +114,32 @@ class NablaUpdates:
             score_policy = transition_scores(sampler, gen.eps_from_output(out_policy), idx, x_t, x_prev).score
 
             # 3. Pull the reward plane's image gradient back to x_{t-1} through renderer and x̂0 (local).
-            result = pending.result()
+            result = tr.pending.result()
             grads = {"images": result.grads, **result.extra_grads}
-            differentiable = [k for k in grads if views[k].requires_grad]
-            reward_grad = pull_back(x_leaf, [views[k] for k in differentiable], [grads[k] for k in differentiable])
+            differentiable = [k for k in grads if tr.views[k].requires_grad]
+            reward_grad = pull_back(tr.x_leaf, [tr.views[k] for k in differentiable], [grads[k] for k in differentiable])
             trusted = result.finite.to(reward_grad.dtype)  # NaN/Inf rewards are never trained on
             reward_grad = reward_grad * trusted.view(-1, *[1] * (reward_grad.ndim - 1))
+            del tr  # its render graph is spent
 
+            upcoming = request_reward_grad(k + 1) if k + 1 < steps.shape[1] else None
             loss, terms = self.algo.loss(score_policy, score_ref, reward_grad, sampler.alphas_cumprod_at(t_prev),
                                          out_policy, batch.outputs[rows, idx])
             run.step(loss)
             run.record(terms)
+
+    def end_epoch(self) -> None:
+        _log_rewards(self.run, self.sample_scores.result())
+
+
+@dataclass
+class _Transition:
+    """A Nabla transition whose reward request is in flight."""
+
+    idx: torch.Tensor          # (B,) step index per sample
+    x_leaf: torch.Tensor       # (B, V, C, h, w) x_{t-1} as a grad leaf
+    views: dict                # the render of x̂0_θ(x_{t-1}), with graph back to x_leaf
+    pending: PendingObjective  # its reward request (values and image gradients)
 
 
 class NFTUpdates:
