@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads, in-process and in the replica (default 1)")
     parser.add_argument("--batch-wait", type=float, default=0.0, metavar="S",
-                        help="the deployment's @serve.batch wait (default 0, as configs/rewards_toy.yaml: a CPU "
+                        help="the deployment's batch_wait_timeout_s (default 0, as configs/rewards_toy.yaml: a CPU "
                              "reward gains nothing from merging; each request pays this wait when it arrives alone)")
     parser.add_argument("--grad-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="what the handle path's gradients travel as (default float32; http sends float32)")

@@ -324,8 +324,9 @@ class RewardDeploymentConfig(Section):
     autoscaling: AutoscalingConfig | None = None
     num_cpus: float = Field(1.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
-    max_batch_size: int = Field(8, ge=1, description="@serve.batch: requests merged into one forward")
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0)
+    max_batch_size: int = Field(8, ge=1, description="most requests merged into one forward")
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, description="how long an idle replica's first request "
+                                        "waits for others to merge with")
     max_ongoing_requests: int = Field(16, ge=1)
     health_check_period_s: float = Field(10.0, gt=0.0)
     health_check_timeout_s: float = Field(30.0, gt=0.0)

@@ -56,6 +56,21 @@ class ProbeReward(RewardModel):
         return images.mean((2, 3, 4)) * scale  # (B, V)
 
 
+@register_reward("serve_batch_size")
+class BatchSizeReward(RewardModel):
+    """Test-only: every view scores the number of objects in the forward that scored it."""
+
+    name = "serve_batch_size"
+
+    def __init__(self, delay_s: float = 0.0):
+        super().__init__()
+        self.delay_s = delay_s
+
+    def forward(self, images, prompts, extras):
+        time.sleep(self.delay_s)
+        return images.new_full(images.shape[:2], float(images.shape[0])) + 0 * images.mean((2, 3, 4))  # (B, V)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -91,7 +106,11 @@ def plane():
         name="probe", reward="test_serve:serve_probe", kwargs={"nan_views": PROBE_NAN_VIEWS, "delay_s": 0.1},
         num_replicas=2, num_cpus=0, max_batch_size=1,
     )
-    cfg = cfg.model_copy(update={"deployments": [*cfg.deployments, probe]})
+    batch_size = RewardDeploymentConfig(
+        name="batch_size", reward="test_serve:serve_batch_size", kwargs={"delay_s": 0.5},
+        num_cpus=0, max_batch_size=8, batch_wait_timeout_s=0.0,
+    )
+    cfg = cfg.model_copy(update={"deployments": [*cfg.deployments, probe, batch_size]})
     assert deploy_rewards(cfg) is True
     yield SimpleNamespace(cfg=cfg, overrides=overrides, url=f"http://127.0.0.1:{port}")
     serve.shutdown()  # also forgets this process's Serve client, so later modules start clean
@@ -262,6 +281,17 @@ def test_http_bad_inputs_get_4xx_and_the_server_keeps_serving(plane, tmp_path):
             assert served.status_code == 200, (case, served.text)
             torch.testing.assert_close(torch.tensor(served.json()["values"]), want, rtol=1e-5, atol=1e-7)
     assert not canary.exists()
+
+
+def test_requests_that_queue_behind_a_forward_are_merged_into_the_next(plane):
+    client = ServedRewards(plane.cfg.app_name, [("batch_size", 1.0)])
+    images, prompts, _ = sample_batch(b=1, v=2, size=8)
+    first = client.submit(images, prompts, with_grad=False)
+    time.sleep(0.2)  # the replica is in the middle of the first request's 0.5 s forward
+    queued = [client.submit(images, prompts, with_grad=False) for _ in range(3)]
+    assert first.result().values.flatten().tolist() == [1.0, 1.0]
+    for pending in queued:  # one forward of the three objects waiting, not three forwards of one
+        assert pending.result().values.flatten().tolist() == [3.0, 3.0]
 
 
 def test_non_finite_rewards_are_flagged_with_zero_gradient(plane):

@@ -14,10 +14,14 @@ arrays travel zero-copy through the object store on one node):
     as uint16 bit patterns (see `encode_grad`). bfloat16 keeps float32's range; float16 loses
     relative precision below 6e-5 and flushes |g| < 6e-8 to zero, so prefer bfloat16.
 
-Concurrent requests from several trainer ranks are merged by `@serve.batch` into one forward when
-their view count, resolution and extras agree, which is where a GPU reward model earns its
-throughput. A request that fails (bad input, a reward error) fails alone, not the ones merged
-with it.
+Concurrent requests from several trainer ranks are merged into one forward when their view count,
+resolution and extras agree, which is where a GPU reward model earns its throughput: whenever the
+reward's device frees, every request waiting then (up to `max_batch_size`) goes in the next batch.
+A request that fails (bad input, a reward error) fails alone, not the ones merged with it.
+The queue is `RewardServer`'s own rather than `@serve.batch`'s because `@serve.batch` closes a batch
+`batch_wait_timeout_s` after its first request arrives, not when the device frees: requests that
+queue behind a running forward then run one by one (seen with two trainer workers on one replica:
+every batch held a single request).
 
 A reward registered outside r2d3ray is named `package.module:name` in the config; the replica
 imports the module first so that its `@register_reward("name")` runs there.
@@ -93,13 +97,14 @@ class RewardServer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = build_reward(reward, **kwargs).to(self.device).eval()
         self._anchor = object_store_anchor()
-        self._score_batch.set_max_batch_size(max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
+        self._waiting: list[tuple[tuple, asyncio.Future]] = []  # (request, its answer), oldest first
+        self._draining = False  # a `_drain` task is scoring the queue
         # Images arrive as read-only views of the object store; torch only reads them.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
     async def score(self, images, prompts, extras=None, with_grad=False, grad_dtype="float32") -> dict:
-        """One request (the wire format in the module docstring); merged with others by _score_batch."""
+        """One request (the wire format in the module docstring); merged with others by `_drain`."""
         images, extras = np.asarray(images), dict(extras or {})
         # Checked per request before merging: a prompt count that is off in one request could
         # otherwise be balanced by another request's in the merged batch.
@@ -114,11 +119,31 @@ class RewardServer:
                 raise ValueError(f"extras[{key!r}] must have shape ({b}, {v}, C, {h}, {w}), got {list(value.shape)}")
         if grad_dtype not in GRAD_DTYPES:
             raise ValueError(f"grad_dtype {grad_dtype!r} is not one of {GRAD_DTYPES}")
-        result = await self._score_batch(images, list(prompts), extras, bool(with_grad), grad_dtype)
-        # @serve.batch sets a returned exception as the result instead of raising it.
-        if isinstance(result, Exception):
+        answer = asyncio.get_running_loop().create_future()
+        self._waiting.append(((images, list(prompts), extras, bool(with_grad), grad_dtype), answer))
+        if not self._draining:
+            self._draining = True
+            self._drain_task = asyncio.create_task(self._drain())  # held: the loop keeps only weak references
+        result = await answer
+        if isinstance(result, Exception):  # this request's own failure, not its batch's
             raise result
         return result
+
+    async def _drain(self) -> None:
+        """Score the waiting requests, a batch at a time, until none is left."""
+        try:
+            await asyncio.sleep(self.batch_wait_timeout_s)  # an idle replica waits briefly for company
+            while self._waiting:
+                batch, self._waiting = self._waiting[: self.max_batch_size], self._waiting[self.max_batch_size :]
+                try:
+                    results = await self._score_batch(*map(list, zip(*(request for request, _ in batch))))
+                except Exception as err:  # not expected (_score_batch returns errors), but never leave a caller hanging
+                    results = [err] * len(batch)
+                for (_, answer), result in zip(batch, results):
+                    if not answer.done():  # a caller that gave up has cancelled its future
+                        answer.set_result(result)
+        finally:
+            self._draining = False
 
     def _score_group(self, images, prompts, extras, with_grad, grad_dtype) -> list[dict]:
         """Score requests that share (V, H, W) and extras as one batch; split the results back."""
@@ -146,8 +171,8 @@ class RewardServer:
             results.append(result)
         return results
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _score_batch(self, images: list, prompts: list, extras: list, with_grad: list, grad_dtype: list) -> list:
+        """One result (dict or Exception) per request; requests are grouped by what can be merged."""
         groups: dict[tuple, list[int]] = {}
         for i, (img, ext) in enumerate(zip(images, extras)):
             groups.setdefault((img.shape[1:], tuple(sorted(ext))), []).append(i)
