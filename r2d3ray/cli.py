@@ -87,13 +87,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_eval_prior(args: argparse.Namespace) -> int:
     import json
 
-    from r2d3ray.eval.prior import evaluate_prior
+    from r2d3ray.eval.prior import GUIDANCE_SCALE, evaluate_prior
     from r2d3ray.models.tiny import TinySplatGenerator
     from r2d3ray.models.loading import TINY_PRIOR_DIR
 
     generator = TinySplatGenerator.from_pretrained(args.model or TINY_PRIOR_DIR)
     result = evaluate_prior(generator, seeds=tuple(range(args.seeds)), num_steps=args.steps,
-                            guidance_scale=args.guidance_scale)
+                            guidance_scale=GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale)
     print(f"{'held-out prompts x seeds':<28}{result['num_samples']}")
     print(f"{'colour accuracy':<28}{result['color_accuracy']:.1%} ± {result['color_accuracy_se']:.1%}")
     print(f"{'silhouette IoU':<28}{result['silhouette_iou']:.3f} ± {result['silhouette_iou_se']:.3f}")
@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_prior.add_argument("--model", metavar="DIR", help="a tiny prior directory (default: the committed one)")
     eval_prior.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default 4)")
     eval_prior.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    eval_prior.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale (default 3.0, as configs/toy.yaml samples)")
+    eval_prior.add_argument("--guidance-scale", type=float, default=None,
+                            help="CFG scale (default: r2d3ray.eval.prior.GUIDANCE_SCALE, 2.0, as configs/toy.yaml samples)")
     eval_prior.add_argument("--out", metavar="FILE", help="also write the numbers as JSON")
     eval_prior.set_defaults(func=cmd_eval_prior)
 

@@ -27,6 +27,7 @@ from r2d3ray.render.rasterize import RenderOutput, render_splats
 from r2d3ray.splats import Splats
 
 SAMPLERS = ("sde", "ode")
+GUIDANCE_SCALE = 2.0  # as configs/toy.yaml samples the tiny prior
 
 
 def object_colors(source: Splats | RenderOutput, background=(1.0, 1.0, 1.0)) -> torch.Tensor:
@@ -67,7 +68,7 @@ def generate(
     prompts: list[str],
     seed: int,
     num_steps: int = 20,
-    guidance_scale: float = 3.0,
+    guidance_scale: float = GUIDANCE_SCALE,
     sampler: str = "sde",
 ) -> torch.Tensor:
     """Clean latents (B, V, C, h, w) for ``prompts`` from noise drawn with ``seed`` (CPU generator),
@@ -85,7 +86,7 @@ def evaluate_prior(
     prompts: list[str] | None = None,
     seeds=(0, 1, 2, 3),
     num_steps: int = 20,
-    guidance_scale: float = 3.0,
+    guidance_scale: float = GUIDANCE_SCALE,
     sampler: str = "sde",
     render_size: int = 128,
     batch_size: int = 64,
