@@ -7,7 +7,7 @@ decoder and policy is a local `torch.autograd.grad`.
 
 Reward requests overlap with compute: Nabla sends the render of x̂0(x_{t-1}) of the next
 transition before the current one's backward and computes that backward and the next transition's
-reference and policy scores while the reward is in flight; NFT sends each sampling batch's renders
+policy score while the reward is in flight (the first one, the batch's reference scores); NFT sends each sampling batch's renders
 and samples the next batch meanwhile.
 """
 
@@ -95,21 +95,30 @@ class NablaUpdates:
             pending = run.rewards.submit({k: v.detach() for k, v in views.items()}, batch.prompts, with_grad=True)
             return _Transition(idx, x_leaf, views, pending)
 
+        def reference_score(k: int) -> torch.Tensor:
+            """The frozen reference's (adapters off) score of transition k, (B, V, C, h, w), no graph."""
+            idx = steps[:, k]
+            x_t, x_prev = batch.latents[rows, idx], batch.latents[rows, idx + 1]
+            with torch.no_grad(), adapters_disabled(gen.denoiser):
+                eps_ref = gen.eps_from_output(gen.predict(x_t, batch.timesteps[idx], embeds, guidance))
+                return transition_scores(sampler, eps_ref, idx, x_t, x_prev).score
+
         # Each transition's request is in flight while the trainer computes the previous transition's
-        # backward and its own two scores. Sending it early is exact: the optimizer steps only at
+        # backward and its own policy score. Sending it early is exact: the optimizer steps only at
         # the end of a batch (micro_steps_per_update counts every transition of the batch), so θ is
         # the same. Render graphs are held one at a time (the next one is built after pull_back).
+        # The first request has no backward to hide behind: all the reference scores, which need
+        # no graph, are computed while it is in flight.
         upcoming = request_reward_grad(0)
+        scores_ref = [reference_score(k) for k in range(steps.shape[1])]
         for k in range(steps.shape[1]):
             tr = upcoming
             idx = tr.idx
             x_t, x_prev = batch.latents[rows, idx], batch.latents[rows, idx + 1]  # (B, V, C, h, w)
             t, t_prev = batch.timesteps[idx], sampler.prev_timesteps[idx]
 
-            # 2. Reference score (adapters off) and policy score (with grad) of the sampled transition.
-            with torch.no_grad(), adapters_disabled(gen.denoiser):
-                eps_ref = gen.eps_from_output(gen.predict(x_t, t, embeds, guidance))
-            score_ref = transition_scores(sampler, eps_ref, idx, x_t, x_prev).score
+            # 2. Policy score (with grad) of the sampled transition, beside the reference's.
+            score_ref = scores_ref[k]
             out_policy = gen.predict(x_t, t, embeds, guidance)
             score_policy = transition_scores(sampler, gen.eps_from_output(out_policy), idx, x_t, x_prev).score
 
