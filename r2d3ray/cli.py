@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_prior.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default 4)")
     eval_prior.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     eval_prior.add_argument("--guidance-scale", type=float, default=None,
-                            help="CFG scale (default: r2d3ray.eval.prior.GUIDANCE_SCALE, 2.0, as configs/toy.yaml samples)")
+                            help="CFG scale (default: r2d3ray.eval.prior.GUIDANCE_SCALE, 2.0, where the prior's quality is stated)")
     eval_prior.add_argument("--out", metavar="FILE", help="also write the numbers as JSON")
     eval_prior.set_defaults(func=cmd_eval_prior)
 

@@ -89,9 +89,3 @@ def test_evaluate_prior_on_the_committed_checkpoint():
     with pytest.raises(ValueError, match="sampler"):
         evaluate_prior(generator, prompts, seeds=(0,), sampler="euler")
 
-
-def test_eval_prior_samples_as_the_embedded_default_does():
-    from r2d3ray.config import load_config
-    from r2d3ray.eval.prior import GUIDANCE_SCALE
-
-    assert load_config("configs/toy.yaml").sampling.guidance_scale == GUIDANCE_SCALE
