@@ -99,7 +99,7 @@ class RewardServer:
         self._anchor = object_store_anchor()
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
         self._waiting: list[tuple[tuple, asyncio.Future]] = []  # (request, its answer), oldest first
-        self._draining = False  # a `_drain` task is scoring the queue
+        self._drain_task: asyncio.Task | None = None  # scoring the queue until it is empty
         # Images arrive as read-only views of the object store; torch only reads them.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
@@ -121,8 +121,8 @@ class RewardServer:
             raise ValueError(f"grad_dtype {grad_dtype!r} is not one of {GRAD_DTYPES}")
         answer = asyncio.get_running_loop().create_future()
         self._waiting.append(((images, list(prompts), extras, bool(with_grad), grad_dtype), answer))
-        if not self._draining:
-            self._draining = True
+        # A finished task saw the queue empty: it returns without awaiting after its last check.
+        if self._drain_task is None or self._drain_task.done():
             self._drain_task = asyncio.create_task(self._drain())  # held: the loop keeps only weak references
         result = await answer
         if isinstance(result, Exception):  # this request's own failure, not its batch's
@@ -131,19 +131,16 @@ class RewardServer:
 
     async def _drain(self) -> None:
         """Score the waiting requests, a batch at a time, until none is left."""
-        try:
-            await asyncio.sleep(self.batch_wait_timeout_s)  # an idle replica waits briefly for company
-            while self._waiting:
-                batch, self._waiting = self._waiting[: self.max_batch_size], self._waiting[self.max_batch_size :]
-                try:
-                    results = await self._score_batch(*map(list, zip(*(request for request, _ in batch))))
-                except Exception as err:  # not expected (_score_batch returns errors), but never leave a caller hanging
-                    results = [err] * len(batch)
-                for (_, answer), result in zip(batch, results):
-                    if not answer.done():  # a caller that gave up has cancelled its future
-                        answer.set_result(result)
-        finally:
-            self._draining = False
+        await asyncio.sleep(self.batch_wait_timeout_s)  # an idle replica waits briefly for company
+        while self._waiting:
+            batch, self._waiting = self._waiting[: self.max_batch_size], self._waiting[self.max_batch_size :]
+            try:
+                results = await self._score_batch(*map(list, zip(*(request for request, _ in batch))))
+            except Exception as err:  # not expected (_score_batch returns errors), but never leave a caller hanging
+                results = [err] * len(batch)
+            for (_, answer), result in zip(batch, results):
+                if not answer.done():  # a caller that gave up has cancelled its future
+                    answer.set_result(result)
 
     def _score_group(self, images, prompts, extras, with_grad, grad_dtype) -> list[dict]:
         """Score requests that share (V, H, W) and extras as one batch; split the results back."""

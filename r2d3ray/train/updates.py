@@ -6,9 +6,9 @@ gradients come back from `run.rewards` as tensors, and pushing a gradient back t
 decoder and policy is a local `torch.autograd.grad`.
 
 Reward requests overlap with compute: Nabla sends the render of x̂0(x_{t-1}) of the next
-transition before the current one's backward and computes that backward and the next transition's
-policy score while the reward is in flight (the first one, the batch's reference scores); NFT sends each sampling batch's renders
-and samples the next batch meanwhile.
+transition before the current one's backward, and computes that backward and the next transition's
+policy score while the reward is in flight (behind a batch's first request: its reference scores);
+NFT sends each sampling batch's renders and samples the next batch meanwhile.
 """
 
 from __future__ import annotations
@@ -79,11 +79,15 @@ class NablaUpdates:
         steps = self.algo.transition_steps(B, sampler.num_inference_steps, run.rng)  # (B, n), final step first
         rows = torch.arange(B)
 
+        def transition(k: int):
+            """Column k of `steps`: (step index (B,), x_t, x_{t-1} (B, V, C, h, w), t, t_prev (B,))."""
+            idx = steps[:, k]
+            return (idx, batch.latents[rows, idx], batch.latents[rows, idx + 1], batch.timesteps[idx],
+                    sampler.prev_timesteps[idx])
+
         def request_reward_grad(k: int) -> _Transition:
             """1. Forward-looking reward gradient at x_{t-1}: render x̂0_θ(x_{t-1}) and send it."""
-            idx = steps[:, k]
-            t_prev = sampler.prev_timesteps[idx]
-            x_prev = batch.latents[rows, idx + 1]  # (B, V, C, h, w)
+            _, _, x_prev, _, t_prev = transition(k)
 
             def x0_policy(x):  # adapters on, the network's Jacobian kept (as the reference)
                 return predict_x0(gen.eps_from_output(gen.predict(x, t_prev, embeds, guidance)), x, t_prev,
@@ -93,14 +97,13 @@ class NablaUpdates:
             if self.cfg.reward_context == "inference" and "depths" in views:
                 views["depths"] = views["depths"].detach()  # depth-derived normals: a stop-gradient target
             pending = run.rewards.submit({k: v.detach() for k, v in views.items()}, batch.prompts, with_grad=True)
-            return _Transition(idx, x_leaf, views, pending)
+            return _Transition(x_leaf, views, pending)
 
         def reference_score(k: int) -> torch.Tensor:
             """The frozen reference's (adapters off) score of transition k, (B, V, C, h, w), no graph."""
-            idx = steps[:, k]
-            x_t, x_prev = batch.latents[rows, idx], batch.latents[rows, idx + 1]
+            idx, x_t, x_prev, t, _ = transition(k)
             with torch.no_grad(), adapters_disabled(gen.denoiser):
-                eps_ref = gen.eps_from_output(gen.predict(x_t, batch.timesteps[idx], embeds, guidance))
+                eps_ref = gen.eps_from_output(gen.predict(x_t, t, embeds, guidance))
                 return transition_scores(sampler, eps_ref, idx, x_t, x_prev).score
 
         # Each transition's request is in flight while the trainer computes the previous transition's
@@ -113,9 +116,7 @@ class NablaUpdates:
         scores_ref = [reference_score(k) for k in range(steps.shape[1])]
         for k in range(steps.shape[1]):
             tr = upcoming
-            idx = tr.idx
-            x_t, x_prev = batch.latents[rows, idx], batch.latents[rows, idx + 1]  # (B, V, C, h, w)
-            t, t_prev = batch.timesteps[idx], sampler.prev_timesteps[idx]
+            idx, x_t, x_prev, t, t_prev = transition(k)
 
             # 2. Policy score (with grad) of the sampled transition, beside the reference's.
             score_ref = scores_ref[k]
@@ -145,7 +146,6 @@ class NablaUpdates:
 class _Transition:
     """A Nabla transition whose reward request is in flight."""
 
-    idx: torch.Tensor          # (B,) step index per sample
     x_leaf: torch.Tensor       # (B, V, C, h, w) x_{t-1} as a grad leaf
     views: dict                # the render of x̂0_θ(x_{t-1}), with graph back to x_leaf
     pending: PendingObjective  # its reward request (values and image gradients)
