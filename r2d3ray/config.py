@@ -36,8 +36,15 @@ class ModelConfig(Section):
     # Directory of the base model. Empty for "tiny" means the committed prior in r2d3ray/assets.
     path: str = ""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    # DiffSplat needs float32 softmax in attention when running in bf16 (nabla_r2d3.md §2).
+    # With bf16 weights: self-attention's product and softmax and the norm2/norm_out LayerNorms in
+    # float32 (what Nabla-R2D3's HPS run did; cross-attention stays in bf16).
     fp32_softmax: bool = True
+    # Recompute the transformer blocks' activations in backward (diffusers' gradient checkpointing):
+    # less memory for one more forward per backward, for DiffSplat at full size.
+    gradient_checkpointing: bool = False
+    # Inference and evaluation: "auto" is the first CUDA device when there is one, else the CPU.
+    # Training ignores it: each Ray Train worker uses the device Ray Train gives it.
+    device: str = "auto"
 
 
 class LoraConfig(Section):
@@ -68,6 +75,10 @@ class RenderConfig(Section):
     elevation_deg: float = Field(0.0, ge=-89.0, le=89.0)
     elevation_delta_deg: float = Field(10.0, ge=0.0, le=90.0)
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # How splats become covariances: "gsplat" normalises the quaternion and dilates each 2D
+    # covariance by 0.3 px² (gsplat's default); "diffsplat" builds the rotation from the raw
+    # quaternion and adds no dilation (RaDe-GS, the rasterizer DiffSplat and Nabla-R2D3 render with).
+    gaussian_convention: Literal["gsplat", "diffsplat"] = "gsplat"
 
 
 class RewardTerm(Section):
@@ -79,7 +90,8 @@ class RewardTerm(Section):
 class RewardsConfig(Section):
     terms: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="color_match")])
     aggregate: Literal["mean", "max"] = "mean"
-    # Score only k random views of V (the reference's memo_efficient_mode uses 2); 0 = all views.
+    # Score only k random views of V: the reference's memory-efficient mode (memo_efficient_mode)
+    # uses 2 of 4; 0 = all views.
     views_per_sample: int = Field(0, ge=0)
     noise_std: float = Field(2e-3, ge=0.0, le=1.0)
     # The Serve application the trainer talks to; deployed from `app_config` unless already running.
@@ -102,9 +114,13 @@ class NablaConfig(Section):
     trajectories: Literal["stale", "fresh"] = "stale"
     # "inference": the geometry rewards' depth-derived normals are a stop-gradient target.
     reward_context: Literal["train", "inference"] = "train"
+    # The reference's x̂0 look-ahead for DPM schedulers reads ᾱ one sampling step nearer t = 0
+    # (at t_prev − Δt, clipped at 1) than the timestep the network saw; off = the consistent x̂0.
+    x0_alpha_one_step_ahead: bool = False
+    # The full ∇-GFlowNet (a learned residual flow, reverse and terminal losses). Only the toy
+    # benchmark trains it; a run config with it on is rejected (see R2D3Config).
     learned_flow: bool = False
     reverse_loss_scale: float = Field(1.0, ge=0.0)
-    flow_lr: float = Field(1e-3, gt=0.0)
 
 
 class NFTConfig(Section):
@@ -116,6 +132,12 @@ class NFTConfig(Section):
     timestep_fraction: float = Field(0.99, gt=0.0, le=1.0)
     decay_type: Literal[0, 1, 2] = 1
     group_size: int = Field(4, ge=1, description="samples per prompt (G)")
+    # An exponential moving average of the policy adapter, for evaluation pictures and the saved
+    # LoRA (DiffusionNFT's ema 0.9); 0 = off (the policy itself).
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
+    # Advantages from the rewards of all workers' samples (the reference gathers them) or of this
+    # worker's only.
+    reward_stats: Literal["all_workers", "per_worker"] = "all_workers"
 
 
 class RewardBackpropConfig(Section):
@@ -136,8 +158,13 @@ class TrainingConfig(Section):
     lr: float = Field(3e-4, gt=0.0, le=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    # Epochs that train. Nabla with stale trajectories first runs one sampling-only epoch (the
+    # reference's epoch -1), so it samples epochs + 1 times.
     epochs: int = Field(100, ge=1)
+    # Trajectories (samples) per optimizer step, per worker, as the reference counts them.
     gradient_accumulation_steps: int = Field(4, ge=1)
+    # Trajectories in one forward/backward; gradient_accumulation_steps is a multiple of it.
+    micro_batch_size: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, gt=0.0)
     seed: int = 0
     num_workers: int = Field(2, ge=1)
@@ -156,6 +183,9 @@ class TrainingConfig(Section):
             raise ValueError("offload_params needs zero_stage 3 (DeepSpeed offloads parameters only in ZeRO-3)")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.gradient_accumulation_steps % self.micro_batch_size:
+            raise ValueError(f"gradient_accumulation_steps ({self.gradient_accumulation_steps} trajectories per "
+                             f"optimizer step) must be a multiple of micro_batch_size ({self.micro_batch_size})")
         return self
 
 
@@ -186,6 +216,30 @@ class R2D3Config(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+
+    @model_validator(mode="after")
+    def _runnable(self) -> "R2D3Config":
+        if self.algorithm.name == "nabla" and self.algorithm.nabla.learned_flow:
+            raise ValueError("algorithm.nabla.learned_flow: the trainer trains Nabla-R2D3's forward loss only (the "
+                             "reference's no-flow mode); the full ∇-GFlowNet with a learned flow runs in "
+                             "benchmarks/toy_alignment.py. Set algorithm.nabla.learned_flow=false")
+        per_epoch, accumulate = self.samples_per_epoch(), self.training.gradient_accumulation_steps
+        if per_epoch % accumulate:
+            raise ValueError(f"training.gradient_accumulation_steps ({accumulate} trajectories per optimizer step) "
+                             f"must divide the {per_epoch} trajectories each worker samples per epoch (sampling."
+                             f"batch_size x num_batches_per_epoch{' with whole NFT groups' if self.algorithm.name == 'nft' else ''})")
+        return self
+
+    def samples_per_epoch(self) -> int:
+        """Trajectories (samples) each worker samples and trains on per epoch."""
+        s = self.sampling
+        if self.algorithm.name == "nft":  # whole groups of group_size samples of one prompt
+            group = self.algorithm.nft.group_size
+            return max(s.batch_size // group, 1) * group * s.num_batches_per_epoch
+        return s.batch_size * s.num_batches_per_epoch
+
+    def optimizer_steps_per_epoch(self) -> int:
+        return self.samples_per_epoch() // self.training.gradient_accumulation_steps
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -293,9 +347,36 @@ def _read_yaml(path: str | Path, what: str, example: str) -> dict[str, Any]:
     return data
 
 
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``, section by section (a list or value in ``update`` replaces the base's)."""
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def read_run_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A run config file as a dict, its ``base:`` file (relative to it) merged underneath.
+
+    Run configs that differ in a few values share a base file and name only what differs, e.g.
+    ``configs/diffsplat_pas_hps.yaml`` over ``configs/diffsplat_pas_base.yaml``.
+    """
+    path = Path(path)
+    data = _read_yaml(path, "config file", "configs/toy.yaml")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {str(path)!r}: 'base' must be a file name, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen:
+        raise ConfigError(f"config file {str(path)!r}: 'base: {base}' makes a cycle of base files")
+    return deep_merge(read_run_yaml(base_path, (*_seen, path.resolve())), data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> R2D3Config:
     """Load a YAML run config (None: all defaults) and apply `key.path=value` overrides."""
-    data = _read_yaml(path, "config file", "configs/toy.yaml") if path is not None else {}
+    data = read_run_yaml(path) if path is not None else {}
     return build_config(data, overrides)
 
 
