@@ -411,12 +411,19 @@ class RewardDeploymentConfig(Section):
     max_ongoing_requests: int = Field(16, ge=1)
     health_check_period_s: float = Field(10.0, gt=0.0)
     health_check_timeout_s: float = Field(30.0, gt=0.0)
+    # Serve's access log writes a line per request into every job's output; on for debugging.
+    access_log: bool = False
 
 
 class HTTPConfig(Section):
     enabled: bool = True
-    # Loopback unless the config says otherwise: reward endpoints have no authentication.
+    # Loopback by default. Any other address needs a bearer token, which every route but /healthz
+    # checks; it is read from the environment variable `token_env` or the file `token_file` at
+    # deploy time and never written into a config.
     host: str = "127.0.0.1"
+    token_env: str = "R2D3RAY_REWARDS_TOKEN"
+    token_file: str = ""
+    access_log: bool = False  # the ingress's per-request access-log lines
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"
     max_batch: int = Field(64, ge=1, description="objects per request")

@@ -341,6 +341,45 @@ def test_serve_main_and_job_reuse_the_running_app(plane, capsys):
     assert app_status(plane.cfg.app_name) == "RUNNING"
 
 
+def test_http_beyond_loopback_needs_a_token_from_env_or_file(tmp_path, monkeypatch):
+    from r2d3ray.serve.http import http_token
+
+    http = {"host": "0.0.0.0", "token_env": "TEST_REWARDS_TOKEN", "token_file": ""}
+    monkeypatch.delenv("TEST_REWARDS_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="beyond loopback.*TEST_REWARDS_TOKEN"):
+        http_token(http)
+    assert http_token({**http, "host": "127.0.0.1"}) is None  # loopback stays open by default
+    monkeypatch.setenv("TEST_REWARDS_TOKEN", "s3cret")
+    assert http_token(http) == "s3cret"
+    (tmp_path / "token").write_text("from-file\n")
+    assert http_token({**http, "token_file": str(tmp_path / "token")}) == "from-file"
+    with pytest.raises(ValueError, match="does not exist"):
+        http_token({**http, "token_file": str(tmp_path / "missing")})
+
+
+def test_a_token_guards_every_route_but_health(plane, monkeypatch):
+    """A second app on the same HTTP proxy, deployed with a token: no, wrong and right token."""
+    monkeypatch.setenv("TEST_REWARDS_TOKEN", "s3cret")
+    cfg = load_reward_app_config(ROOT / "configs/rewards_toy.yaml", [
+        "app_name=secured", "http.route_prefix=/secured", "http.token_env=TEST_REWARDS_TOKEN",
+        "deployments=[{name: color_match, reward: color_match, num_cpus: 0}]"])
+    assert deploy_rewards(cfg) is True
+    images, prompts, _ = sample_batch()
+    body = {"prompts": prompts, "images_npy": encode_npy(images.numpy())}
+    try:
+        with httpx.Client(base_url=plane.url + "/secured", timeout=60) as http:
+            assert http.get("/healthz").json() == {"status": "ok"}
+            assert http.post("/rewards/color_match", json=body).status_code == 401
+            assert http.get("/rewards", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert http.get("/docs").status_code == 401
+            good = {"Authorization": "Bearer s3cret"}
+            assert http.get("/rewards", headers=good).json() == {"rewards": ["color_match"]}
+            answer = http.post("/rewards/color_match", json=body, headers=good)
+            assert answer.status_code == 200 and len(answer.json()["values"]) == 2
+    finally:
+        serve.delete("secured")
+
+
 def test_a_replica_killed_mid_stream_loses_no_request(plane):
     """Runs last: it kills one of the two `probe` replicas while 12 requests are in flight."""
     client = ServedRewards(plane.cfg.app_name, [("probe", 1.0)], timeout_s=60, retries=4, backoff_s=0.2)

@@ -207,7 +207,7 @@ class RewardServer:
 
 def build_app(cfg: RewardAppConfig):
     """The Serve application: every reward deployment, behind the HTTP ingress."""
-    from r2d3ray.serve.http import RewardsHTTP
+    from r2d3ray.serve.http import RewardsHTTP, http_token, token_digest
 
     rewards = {}
     for d in cfg.deployments:
@@ -223,11 +223,14 @@ def build_app(cfg: RewardAppConfig):
             max_ongoing_requests=d.max_ongoing_requests,
             health_check_period_s=d.health_check_period_s,
             health_check_timeout_s=d.health_check_timeout_s,
+            logging_config={"enable_access_log": d.access_log},
             **scaling,
         ).bind(d.reward, d.kwargs, d.max_batch_size, d.batch_wait_timeout_s)
+    token = http_token(cfg.http.model_dump()) if cfg.http.enabled else None
     # The ingress only decodes and routes; it reserves no CPU so that it never blocks the rewards.
-    return RewardsHTTP.options(name="http_ingress", ray_actor_options={"num_cpus": 0}).bind(
-        cfg.http.model_dump(), rewards
+    return RewardsHTTP.options(name="http_ingress", ray_actor_options={"num_cpus": 0},
+                               logging_config={"enable_access_log": cfg.http.access_log}).bind(
+        cfg.http.model_dump(), rewards, token_digest(token) if token else None
     )
 
 

@@ -12,6 +12,11 @@
           "grad_npy": "<base64 .npy (B, V, 3, H, W)>" when with_grad}
     GET /rewards           the served reward names
     GET /openapi.json, /docs   the schema
+    GET /healthz           {"status": "ok"}, the one route that needs no token
+
+Off loopback every route but /healthz wants ``Authorization: Bearer <token>``: the token comes from
+the environment variable or file the app config's ``http`` section names (never from the config
+itself), and the ingress keeps only its SHA-256.
 
 Arrays travel as `.npy` bytes whose header is read before anything is allocated; the data is then
 viewed as the declared float dtype. Nothing is ever unpickled: a pickle or an object-dtype array is
@@ -22,8 +27,13 @@ parser. Bad input gets a 4xx JSON `{"error": ...}` naming the problem; the serve
 import asyncio
 import base64
 import binascii
+import hashlib
+import hmac
 import io
+import ipaddress
 import math
+import os
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -37,6 +47,55 @@ api = FastAPI(
     title="r2d3ray rewards",
     description="Rewards and reward gradients of rendered views (B objects x V views), float32 in [0, 1].",
 )
+
+
+HEALTH_ROUTE = "/healthz"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to stay on this machine
+        return False
+
+
+def http_token(http: dict) -> str | None:
+    """The bearer token the app config's ``http`` section points at (its ``token_file``, else the
+    environment variable ``token_env``); None when neither is set. Off loopback a token is required."""
+    token = None
+    if http.get("token_file"):
+        path = Path(http["token_file"]).expanduser()
+        if not path.is_file():
+            raise ValueError(f"http.token_file {str(path)!r} does not exist; write the token there or unset it")
+        token = path.read_text().strip() or None
+    elif http.get("token_env"):
+        token = os.environ.get(http["token_env"], "").strip() or None
+    if token is None and not is_loopback(http["host"]):
+        raise ValueError(
+            f"http.host is {http['host']!r}, beyond loopback, and no bearer token is set: export "
+            f"{http.get('token_env') or 'the variable named by http.token_env'} or name a file in http.token_file "
+            "(clients then send 'Authorization: Bearer <token>'), or keep http.host: 127.0.0.1")
+    return token
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@api.middleware("http")
+async def require_token(request: Request, call_next):
+    """Every route but the health route checks the bearer token when the app has one."""
+    expected = getattr(request.app.state, "token_sha256", None)
+    path, prefix = request.url.path, request.scope.get("root_path", "")  # Serve mounts the app at its route prefix
+    if expected is not None and path.removeprefix(prefix) != HEALTH_ROUTE:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(token.strip()), expected):
+            return JSONResponse(status_code=401, content={"error": "missing or wrong bearer token "
+                                                          "(send 'Authorization: Bearer <token>')"},
+                                headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
 
 
 class ScoreRequest(BaseModel):
@@ -184,12 +243,17 @@ _BODY = {"requestBody": {
 class RewardsHTTP:
     """Routes HTTP requests to the reward deployments through their handles."""
 
-    def __init__(self, limits: dict, rewards: dict):
+    def __init__(self, limits: dict, rewards: dict, token_sha256: str | None = None):
         from r2d3ray.serve.deployments import object_store_anchor
 
         self.limits = limits
         self.rewards = rewards  # name -> DeploymentHandle
         self._anchor = object_store_anchor()
+        api.state.token_sha256 = token_sha256  # read by require_token; one ingress per replica process
+
+    @api.get(HEALTH_ROUTE)
+    async def health(self) -> dict:
+        return {"status": "ok"}
 
     @api.get("/rewards")
     async def list_rewards(self) -> dict:
