@@ -11,12 +11,11 @@ from r2d3ray.models import lora
 from r2d3ray.models.diffsplat import (
     DiffSplatGenerator,
     PromptCache,
-    cache_prompts,
     convert_gsvae,
     write_prompt_cache_shard,
 )
 from r2d3ray.models.generator import CheckpointNotFoundError
-from r2d3ray.models.mv_attention import MVAttnProcessor
+from r2d3ray.models.mv_attention import Float32LayerNorm, MVAttnProcessor
 from r2d3ray.models.schedulers import PIXART_SIGMA_SCHEDULER_CONFIG
 from r2d3ray.render.cameras import default_rig, plucker_rays
 
@@ -130,6 +129,8 @@ def test_missing_file_error_names_the_path(checkpoint, tmp_path, missing):
 def test_bf16_uses_float32_softmax(checkpoint, generator):
     bf16 = DiffSplatGenerator.from_pretrained(checkpoint, torch_dtype=torch.bfloat16).eval()
     assert bf16.denoiser.dtype == torch.bfloat16 and bf16.denoiser.transformer_blocks[0].attn1.processor.upcast_softmax
+    assert all(isinstance(norm, Float32LayerNorm) for norm in [bf16.denoiser.norm_out] +
+               [block.norm2 for block in bf16.denoiser.transformer_blocks])
     latents = torch.randn(1, *generator.latent_shape, generator=torch.Generator().manual_seed(4))
     embeds = generator.encode_prompts(["a red car"])
     with torch.no_grad():
@@ -151,40 +152,6 @@ def test_save_pretrained_round_trip_and_lora(generator, tmp_path):
         loaded.save_pretrained(tmp_path / "again")
 
 
-def test_cache_prompts_with_a_local_t5(checkpoint, tmp_path):
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
-    # A tiny T5 in the PixArt pipeline layout; the Unigram tokenizer is built offline from a word list.
-    words = ["a", "red", "car", "wooden", "chair", "small"]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [("▁" + w, -1.0) for w in words]
-    t5_dir = tmp_path / "t5"
-    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(t5_dir / "tokenizer")
-    torch.manual_seed(0)
-    encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
-    encoder.save_pretrained(t5_dir / "text_encoder")
-
-    shard = cache_prompts(t5_dir, ["A red  car", "a small wooden chair"], tmp_path / "cache", max_length=MAX_LENGTH,
-                          torch_dtype=torch.float32)  # fmt: skip
-    cache = PromptCache(shard.parent)
-    assert set(cache.index) == {"", "A red  car", "a small wooden chair"} and cache.encoder == "t5"
-    looked_up = cache.lookup(["A red  car", ""])
-    ids = torch.tensor([[4, 5, 6, 1]])  # ▁a ▁red ▁car </s>: lower-cased, whitespace normalised
-    with torch.no_grad():
-        direct = encoder.eval()(ids, attention_mask=torch.ones_like(ids))[0][0]  # (4, 32)
-    assert looked_up.mask.tolist() == [[1] * 4 + [0] * 8, [1] + [0] * 11]
-    torch.testing.assert_close(looked_up.embeds[0, :4], direct)
-    assert looked_up.embeds[0, 4:].abs().sum() == 0
-
-    # the generator runs on the new cache
-    root = tmp_path / "ckpt"
-    shutil.copytree(checkpoint, root, ignore=shutil.ignore_patterns("prompt_cache"))
-    shutil.copytree(shard.parent, root / "prompt_cache")
-    generator = DiffSplatGenerator.from_pretrained(root).eval()
-    latents = torch.randn(1, *generator.latent_shape)
-    with torch.no_grad():
-        assert torch.isfinite(generator.predict(latents, 999, generator.encode_prompts(["A red  car"]), 4.5)).all()
-
-
 def test_convert_gsvae_from_a_diffsplat_checkpoint(tmp_path):
     # DiffSplat's GSAutoencoderKL state: an SDXL-architecture VAE under "vae." (12-channel convs) + a tiny decoder
     sdxl_like_config = {**VAE_CONFIG, "in_channels": 3, "out_channels": 3}
@@ -202,3 +169,42 @@ def test_convert_gsvae_from_a_diffsplat_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="no 'vae.' weights"):
         safetensors.torch.save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
         convert_gsvae(tmp_path / "other.safetensors", sdxl_like_config, tmp_path / "out")
+
+
+def _lora_loss_and_grads(generator, latents, embeds):
+    """A loss through the policy at x_t and the input gradient at x_{t-1} (Nabla's two backward
+    passes), and the LoRA gradients it leaves."""
+    x_prev = latents.clone().requires_grad_(True)
+    (input_grad,) = torch.autograd.grad(generator.predict(x_prev, 600, embeds, 4.5).square().sum(), x_prev)
+    loss = generator.predict(latents, 700, embeds, 4.5).square().mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in generator.denoiser.named_parameters() if p.requires_grad}
+    return loss.detach(), input_grad, grads
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients(checkpoint, monkeypatch):
+    from r2d3ray.config import build_config
+    from r2d3ray.models.loading import load_generator
+
+    calls = []
+    checkpoint_fn = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint_fn(*a, **k))
+    latents = torch.randn(2, 4, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    results = []
+    for enabled in (False, True):
+        cfg = build_config({"model": {"kind": "diffsplat", "path": str(checkpoint), "gradient_checkpointing": enabled,
+                                      "device": "cpu"}})
+        generator = load_generator(cfg)
+        assert generator.denoiser.gradient_checkpointing is enabled
+        lora.add_lora_adapter(generator.denoiser, "policy", rank=4)
+        with torch.no_grad():  # B = 0 at init: give the adapter weights so every LoRA gradient is non-zero
+            for param in lora.adapter_parameters(generator.denoiser, "policy").values():
+                param.copy_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+        results.append(_lora_loss_and_grads(generator, latents, generator.encode_prompts(["a red car", "a wooden chair"])))
+    (loss, input_grad, grads), (loss_ckpt, input_grad_ckpt, grads_ckpt) = results
+    assert calls  # the blocks did run under torch.utils.checkpoint
+    torch.testing.assert_close(loss_ckpt, loss)
+    torch.testing.assert_close(input_grad_ckpt, input_grad)
+    assert grads.keys() == grads_ckpt.keys() and all("lora_" in name for name in grads)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name])

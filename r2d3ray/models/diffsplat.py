@@ -7,7 +7,8 @@ variance), run on 4 views whose tokens attend jointly in self-attention; T5-XXL 
 12-channel splatter image, ``vae.decode(z / scaling_factor + shift_factor).sample.clamp(-1, 1)``;
 DiffSplat's default rig (azimuths 0/90/180/270, elevation 10°, radius 1.4) whose Plücker rays are
 computed at 256² with DiffSplat's pixel convention and bilinearly resized to 32². Nothing is
-downloaded: the weights come from a directory laid out as::
+downloaded: the weights come from a directory laid out as below, which ``r2d3ray prepare-diffsplat``
+(``r2d3ray.models.prepare``) writes from DiffSplat's and PixArt-Σ's released files::
 
     <root>/
       transformer/config.json                        the multi-view transformer (DiffSplat's
@@ -17,7 +18,7 @@ downloaded: the weights come from a directory laid out as::
       gsvae/diffusion_pytorch_model.safetensors          conv_in/conv_out (``convert_gsvae`` makes it
                                                          from DiffSplat's ``gsvae_gobj265k_sdxl_fp16``)
       scheduler/scheduler_config.json                PixArt-Σ's DPMSolverMultistepScheduler config
-      prompt_cache/*.safetensors                     T5 prompt embeddings (``cache_prompts`` writes them)
+      prompt_cache/*.safetensors                     T5 prompt embeddings (``prepare.cache_prompts`` writes them)
 
 Prompt cache format (one or more shards in ``prompt_cache/``; a prompt's embedding is looked up
 by its exact text across all shards)::
@@ -30,7 +31,9 @@ by its exact text across all shards)::
 
 T5 masks are a run of ones then zeros, so (P, L, D) embeddings and (P, L) masks are rebuilt exactly
 up to the padded positions, which hold zeros (the transformer masks them out of cross-attention).
-The empty prompt "" (CFG's negative) must be in the cache; ``cache_prompts`` always adds it.
+The empty prompt "" (CFG's negative) must be in the cache; ``prepare-diffsplat`` always adds it.
+How the embeddings are made (the reference's caption cleaning, tokenizer and precision) is
+described in ``r2d3ray.models.prepare``.
 """
 from __future__ import annotations
 
@@ -52,7 +55,6 @@ from r2d3ray.models.generator import (
     PromptEmbeds,
     SplatGenerator,
     load_scheduler_config,
-    require_files,
 )
 from r2d3ray.models.mv_attention import PixArtTransformerMV2DModel
 from r2d3ray.render.cameras import default_rig, plucker_rays
@@ -62,7 +64,8 @@ T5_MAX_LENGTH = 300
 SPLATTER_CHANNELS = 12
 HOW_TO_GET = (
     "DiffSplat's weights are on Hugging Face (chenguolin/DiffSplat, `download_ckpt.py --model_type pas`); "
-    "see the module docstring of r2d3ray.models.diffsplat for the directory layout and convert_gsvae/cache_prompts."
+    "`r2d3ray prepare-diffsplat --diffsplat DIR --pixart DIR --out DIR` turns them into the directory layout "
+    "described in r2d3ray.models.diffsplat's docstring."
 )
 
 
@@ -75,7 +78,7 @@ class PromptCache:
         if not shards:
             raise CheckpointNotFoundError(
                 f"prompt cache not found: looked for {self.directory}/*.safetensors. "
-                "Write it with r2d3ray.models.diffsplat.cache_prompts(t5_dir, prompts, out_dir)."
+                "Write it with `r2d3ray prepare-diffsplat ... --out <model dir>` (see its --help)."
             )
         self.index: dict[str, tuple[Path, int, int]] = {}  # prompt -> (shard, first token, num tokens)
         layouts = set()
@@ -104,7 +107,7 @@ class PromptCache:
         if missing:
             raise ValueError(
                 f"prompts not in the prompt cache {self.directory}: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
-                "add them with r2d3ray.models.diffsplat.cache_prompts(t5_dir, prompts, out_dir)"
+                "add them with `r2d3ray prepare-diffsplat ... --prompts FILE` (it encodes only what is missing)"
             )
         embeds = torch.zeros(len(prompts), self.max_length, self.embed_dim, dtype=self.dtype)
         mask = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
@@ -122,11 +125,7 @@ class PromptCache:
 def write_prompt_cache_shard(
     out_dir: str | os.PathLike, prompts: list[str], embeds: torch.Tensor, mask: torch.Tensor, encoder: str
 ) -> Path:
-    """Write one cache shard from padded embeddings (P, L, D) and right-padded masks (P, L).
-
-    The file name is a hash of the encoder id and the prompts, so rewriting the same prompts with
-    the same encoder replaces the shard instead of duplicating it.
-    """
+    """Write one cache shard from padded embeddings (P, L, D) and right-padded masks (P, L)."""
     if embeds.ndim != 3 or mask.shape != embeds.shape[:2] or len(prompts) != embeds.shape[0]:
         raise ValueError(
             f"write_prompt_cache_shard: expected P={len(prompts)} prompts, embeds (P, L, D) and mask (P, L), "
@@ -135,59 +134,36 @@ def write_prompt_cache_shard(
     lengths = mask.long().sum(1)  # (P,)
     if not torch.equal(mask.long(), (torch.arange(mask.shape[1]) < lengths[:, None]).long()):
         raise ValueError("write_prompt_cache_shard: masks must be right-padded (ones, then zeros)")
+    tokens = [row[:length] for row, length in zip(embeds, lengths.tolist())]  # P x (n_i, D)
+    return write_prompt_tokens_shard(out_dir, prompts, tokens, max_length=embeds.shape[1], encoder=encoder)
+
+
+def write_prompt_tokens_shard(
+    out_dir: str | os.PathLike, prompts: list[str], tokens: list[torch.Tensor], max_length: int, encoder: str
+) -> Path:
+    """Write one cache shard from each prompt's unmasked token embeddings (n_i, D), n_i <= ``max_length``.
+
+    Writing the tokens without padding keeps a 1000-prompt shard of T5-XXL embeddings in memory at
+    ~0.3 GB instead of 4.9 GB. The file name is a hash of the encoder id and the prompts, so
+    rewriting the same prompts replaces the shard; it is written under a temporary name and renamed,
+    so an interrupted write never leaves a truncated shard behind.
+    """
+    if len(prompts) != len(tokens) or any(t.ndim != 2 or t.shape[0] > max_length for t in tokens):
+        raise ValueError(
+            f"write_prompt_tokens_shard: expected {len(prompts)} token arrays (n_i <= {max_length}, D), "
+            f"got shapes {[tuple(t.shape) for t in tokens[:3]]}{' ...' if len(tokens) > 3 else ''}"
+        )
     key = hashlib.sha1("\n".join([encoder, *prompts]).encode()).hexdigest()[:16]
     path = Path(out_dir) / f"{key}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
     safetensors.torch.save_file(
-        {"prompt_embeds": embeds[mask.bool()].contiguous(), "prompt_lengths": lengths},  # (T, D), (P,)
-        str(path),
-        metadata={"prompts": json.dumps(list(prompts)), "max_length": str(embeds.shape[1]), "encoder": encoder},
-    )
+        {"prompt_embeds": torch.cat(tokens).contiguous(), "prompt_lengths": torch.tensor([len(t) for t in tokens])},
+        str(partial),
+        metadata={"prompts": json.dumps(list(prompts)), "max_length": str(max_length), "encoder": encoder},
+    )  # (T, D), (P,)
+    os.replace(partial, path)
     return path
-
-
-@torch.no_grad()
-def cache_prompts(
-    t5_dir: str | os.PathLike,
-    prompts: list[str],
-    out_dir: str | os.PathLike,
-    max_length: int = T5_MAX_LENGTH,
-    batch_size: int = 16,
-    torch_dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-) -> Path:
-    """Encode ``prompts`` (and "") with a local T5 encoder and write a prompt-cache shard to ``out_dir``.
-
-    ``t5_dir`` is either a PixArt pipeline directory (``tokenizer/`` and ``text_encoder/``
-    subfolders, like ``PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers``) or one directory holding
-    both. Like PixArt's ``encode_prompt``: padding to ``max_length`` tokens, truncation, the
-    encoder's last hidden state. Of PixArt's ``clean_caption`` only lower-casing and whitespace
-    normalisation are applied (its HTML/URL scrubbing does not change plain prompts).
-    """
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    t5_dir = Path(t5_dir)
-    pipeline_layout = (t5_dir / "text_encoder").is_dir()
-    tokenizer_dir = t5_dir / "tokenizer" if pipeline_layout else t5_dir
-    encoder_dir = t5_dir / "text_encoder" if pipeline_layout else t5_dir
-    if not (encoder_dir / "config.json").is_file():
-        raise CheckpointNotFoundError(
-            f"T5 encoder not found: looked for {encoder_dir / 'config.json'} (a transformers T5EncoderModel directory)"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    encoder = T5EncoderModel.from_pretrained(str(encoder_dir), torch_dtype=torch_dtype).to(device).eval()
-
-    prompts = list(dict.fromkeys(["", *prompts]))  # unique, "" first
-    embeds, masks = [], []
-    for start in range(0, len(prompts), batch_size):
-        texts = [" ".join(p.lower().split()) for p in prompts[start : start + batch_size]]
-        tokens = tokenizer(
-            texts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True, return_tensors="pt"
-        )
-        mask = tokens.attention_mask.to(device)  # (b, L)
-        embeds.append(encoder(tokens.input_ids.to(device), attention_mask=mask)[0].cpu())  # (b, L, D)
-        masks.append(mask.cpu())
-    return write_prompt_cache_shard(out_dir, prompts, torch.cat(embeds), torch.cat(masks), encoder=t5_dir.name)
 
 
 def convert_gsvae(
@@ -209,6 +185,21 @@ def convert_gsvae(
     vae.load_state_dict(vae_state, strict=True)
     vae.save_pretrained(str(out_dir))
     return vae
+
+
+def missing_checkpoint_files(root: str | os.PathLike) -> list[str]:
+    """What :meth:`DiffSplatGenerator.from_pretrained` needs and does not find under ``root``, one
+    entry per component (empty: complete); ``r2d3ray train --dry-run`` reports the first."""
+    root = Path(root)
+    required = ["transformer/config.json", "gsvae/config.json", "gsvae/diffusion_pytorch_model.safetensors",
+                f"{SCHEDULER_DIR}/scheduler_config.json"]
+    missing = [str(root / relative) for relative in required if not (root / relative).is_file()]
+    weights = root / "transformer" / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file() and not weights.with_name(weights.name + ".index.json").is_file():
+        missing.append(f"{weights} (or its sharded .index.json)")
+    if not any((root / PROMPT_CACHE_DIR).glob("*.safetensors")):
+        missing.append(f"{root / PROMPT_CACHE_DIR}/*.safetensors (the prompt cache)")
+    return missing
 
 
 class DiffSplatGenerator(SplatGenerator):
@@ -266,17 +257,10 @@ class DiffSplatGenerator(SplatGenerator):
         ``upcast_softmax`` (float32 attention for bf16/fp16 weights) defaults to on for any dtype
         but float32.
         """
-        root = require_files(
-            pretrained_path,
-            ["transformer/config.json", "gsvae/config.json", "gsvae/diffusion_pytorch_model.safetensors",
-             f"{SCHEDULER_DIR}/scheduler_config.json"],
-            HOW_TO_GET,
-        )  # fmt: skip
-        weights = root / "transformer" / "diffusion_pytorch_model.safetensors"
-        if not weights.is_file() and not weights.with_name(weights.name + ".index.json").is_file():
-            raise CheckpointNotFoundError(
-                f"checkpoint file not found: looked for {weights} (or its sharded .index.json). {HOW_TO_GET}"
-            )
+        missing = missing_checkpoint_files(pretrained_path)
+        if missing:
+            raise CheckpointNotFoundError(f"checkpoint file not found: looked for {missing[0]}. {HOW_TO_GET}")
+        root = Path(pretrained_path)
         transformer = PixArtTransformerMV2DModel.from_pretrained(str(root / "transformer"), torch_dtype=torch_dtype)
         vae = AutoencoderKL.from_pretrained(str(root / "gsvae"), torch_dtype=torch_dtype)
         return cls(
