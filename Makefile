@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean-venv
+.PHONY: test demo gpu-check install clean-venv
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/r2d3ray demo
+
+# On a CUDA machine: gsplat parity, GPU render timings, DiffSplat-size memory/time (benchmarks/README.md).
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out outputs/gpu_check.json
 
 clean-venv:
 	rm -rf $(VENV)

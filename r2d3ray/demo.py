@@ -38,7 +38,7 @@ def score_models(cfg, lora_dir: Path, prompts: list[str], seed: int) -> dict[str
         pipe = build_pipeline(cfg, lora)
         latents = generate(pipe, prompts, seed=seed, batch_size=16)
         with torch.no_grad():
-            views = render_views(pipe.splats(latents), cameras, reward.needs)
+            views = render_views(pipe.splats(latents), cameras, reward.needs, gaussian_convention=pipe.gaussian_convention)
             scores[f"reward_{label}"] = reward.score(views["images"], prompts, views).rewards
         scores[f"fidelity_{label}"] = color_fidelity(pipe.splats(latents), prompts)
         pictures = write_outputs(pipe, prompts[:PICTURE_PROMPTS], latents[:PICTURE_PROMPTS],

@@ -6,6 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from r2d3ray.models.pipeline import SplatPipeline, render_views
+from r2d3ray.models.tiny import TinySplatGenerator
 from r2d3ray.render import (
     Cameras,
     RenderOutput,
@@ -15,6 +17,7 @@ from r2d3ray.render import (
     save_grid_png,
     save_turntable_gif,
 )
+from r2d3ray.render.rasterize import gaussian_covariances, raw_quat_to_rotmat
 from r2d3ray.splats import Splats
 
 
@@ -46,16 +49,40 @@ def random_scene(N, B=1, seed=0, dtype=torch.float64, scale=(0.02, 0.12)):
     return means, quats, scales, opacities, colors
 
 
-def brute_force(means, quats, scales, opacities, colors, viewmats, Ks, width, height, background, near_plane):
+def rade_gs_covariances(quats, scales):
+    """RaDe-GS's ``computeCov3D`` (forward.cu, DiffSplat's renderer) transcribed line by line, glm's
+    column-major storage included: q used as given (its normalisation is commented out there),
+    ``M = S * R``, ``Sigma = transpose(M) * M``. Independent of the project's code. (..., 3, 3)."""
+    out = np.empty((*quats.shape[:-1], 3, 3))
+    for index in np.ndindex(*quats.shape[:-1]):
+        r, x, y, z = quats[index].tolist()
+        # glm::mat3(a0..a8) fills columns: column k is (a_3k, a_3k+1, a_3k+2)
+        entries = [1 - 2 * (y * y + z * z), 2 * (x * y - r * z), 2 * (x * z + r * y),
+                   2 * (x * y + r * z), 1 - 2 * (x * x + z * z), 2 * (y * z - r * x),
+                   2 * (x * z - r * y), 2 * (y * z + r * x), 1 - 2 * (x * x + y * y)]
+        R = np.array(entries).reshape(3, 3).T  # rows of the numpy array = glm rows
+        S = np.diag(scales[index].tolist())
+        M = S @ R
+        out[index] = M.T @ M
+    return torch.from_numpy(out).to(quats.dtype)
+
+
+def brute_force(means, quats, scales, opacities, colors, viewmats, Ks, width, height, background, near_plane,
+                gaussian_convention="gsplat"):
     """gsplat's kernel written as plainly as possible: every Gaussian at every pixel of one image,
-    a Python loop front to back. One object (N,) and (C,) cameras; per-view colours allowed."""
+    a Python loop front to back. One object (N,) and (C,) cameras; per-view colours allowed.
+    "diffsplat": RaDe-GS's covariances (:func:`rade_gs_covariances`) and no 2D dilation."""
     from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
 
-    covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_preci=False)
+    if gaussian_convention == "gsplat":
+        covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_preci=False)
+        eps2d = 0.3
+    else:
+        covars, eps2d = rade_gs_covariances(quats, scales), 0.0
     images, alphas = [], []
     for c in range(viewmats.shape[0]):
         _, means2d, depths, conics, _ = _fully_fused_projection(
-            means, covars, viewmats[c : c + 1], Ks[c : c + 1], width, height, near_plane=near_plane
+            means, covars, viewmats[c : c + 1], Ks[c : c + 1], width, height, eps2d=eps2d, near_plane=near_plane
         )
         means2d, depths, conics = means2d[0], depths[0], conics[0]
         view_colors = colors[c] if colors.ndim == 3 else colors
@@ -112,6 +139,135 @@ def test_single_gaussian_matches_analytic_footprint():
     torch.testing.assert_close(colors[0, 0, ..., 3][covered], torch.full_like(expected[covered], z))
 
 
+def test_raw_quaternion_rotation_is_rade_gs_formula():
+    """diffsplat's R_raw(q): the 3DGS formula on q as given. For unit q it is gsplat's rotation;
+    otherwise R_raw(c·u) = c²·R(u) + (1 − c²)·I, not a rotation. Its covariances equal a line-by-line
+    transcription of RaDe-GS's computeCov3D; gsplat's convention ignores |q|."""
+    from gsplat.cuda._torch_impl import _quat_to_rotmat
+
+    g = torch.Generator().manual_seed(11)
+    unit = torch.nn.functional.normalize(torch.randn(64, 4, generator=g, dtype=torch.float64), dim=-1)
+    lengths = torch.empty(64, 1, dtype=torch.float64).uniform_(0.2, 2.0, generator=g)
+    scales = torch.empty(64, 3, dtype=torch.float64).uniform_(5e-4, 2e-2, generator=g)
+    eye = torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(raw_quat_to_rotmat(unit), _quat_to_rotmat(unit), atol=1e-12, rtol=0)
+    torch.testing.assert_close(raw_quat_to_rotmat(lengths * unit),
+                               lengths[..., None] ** 2 * _quat_to_rotmat(unit) + (1 - lengths[..., None] ** 2) * eye,
+                               atol=1e-12, rtol=0)
+    raw = lengths * unit
+    torch.testing.assert_close(gaussian_covariances(raw, scales, "diffsplat"), rade_gs_covariances(raw, scales),
+                               atol=1e-15, rtol=1e-12)
+    torch.testing.assert_close(gaussian_covariances(raw, scales, "gsplat"), gaussian_covariances(unit, scales, "gsplat"))
+    torch.testing.assert_close(gaussian_covariances(unit, scales, "diffsplat"), gaussian_covariances(unit, scales, "gsplat"))
+    # q = (c, 0, 0, 0) is the identity for every c; q = (0, c, 0, 0) scales the y and z axes by (1 − 2c²)
+    c = 1.5
+    s = torch.tensor([[0.01, 0.02, 0.03]], dtype=torch.float64)
+    torch.testing.assert_close(gaussian_covariances(torch.tensor([[c, 0.0, 0, 0]], dtype=torch.float64), s, "diffsplat"),
+                               torch.diag_embed(s**2))
+    stretch = torch.tensor([1.0, (1 - 2 * c**2) ** 2, (1 - 2 * c**2) ** 2], dtype=torch.float64)
+    torch.testing.assert_close(gaussian_covariances(torch.tensor([[0.0, c, 0, 0]], dtype=torch.float64), s, "diffsplat"),
+                               torch.diag_embed(s**2 * stretch))
+    with pytest.raises(ValueError, match="gaussian_convention must be one of"):
+        gaussian_covariances(unit, scales, "3dgs")
+
+
+def test_diffsplat_convention_single_gaussian_matches_analytic_footprint():
+    """An unnormalised quaternion q = (0, c, 0, 0) with c = 1.5 stretches the y and z axes by
+    (1 − 2c²)² = 12.25 in variance, and nothing is added on screen: cov2d = J·Σ·Jᵀ exactly."""
+    width, height, focal, opacity, c = 40, 32, 50.0, 0.8, 1.5
+    viewmats, Ks = pinhole(width, height, focal)
+    u, v, z = 13.5, 17.5, 1.7  # project onto a pixel centre, off-axis
+    x, y = (u - width / 2) * z / focal, (v - height / 2) * z / focal
+    scales = torch.tensor([0.03, 0.012, 0.02], dtype=torch.float64)
+    means, _, _, opacities, colors = isotropic([x, y, z], 1.0, opacity, [1.0, 1.0, 1.0])
+    quats = torch.tensor([[[0.0, c, 0.0, 0.0]]], dtype=torch.float64)
+    colors_out, alphas, meta = rasterization(means, quats, scales.reshape(1, 1, 3), opacities, colors, viewmats[None],
+                                             Ks[None], width, height, gaussian_convention="diffsplat")
+
+    covariance = torch.diag(scales**2 * torch.tensor([1.0, (1 - 2 * c**2) ** 2, (1 - 2 * c**2) ** 2], dtype=torch.float64))
+    J = torch.tensor([[focal / z, 0, -focal * x / z**2], [0, focal / z, -focal * y / z**2]], dtype=torch.float64)
+    cov2d = J @ covariance @ J.T  # no + eps2d
+    conic = torch.linalg.inv(cov2d)
+    torch.testing.assert_close(meta["conics"][0, 0, 0], torch.stack([conic[0, 0], conic[0, 1], conic[1, 1]]),
+                               atol=0, rtol=1e-12)
+    rows, cols = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    d = torch.stack([cols - u, rows - v], dim=-1).double()  # (H, W, 2)
+    sigma = 0.5 * torch.einsum("hwi,ij,hwj->hw", d, conic, d)
+    expected = (opacity * torch.exp(-sigma)).clamp(max=0.999)
+    expected = torch.where(expected >= 1 / 255, expected, 0.0)
+    torch.testing.assert_close(alphas[0, 0, ..., 0], expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(colors_out[0, 0, ..., 0], expected, atol=1e-10, rtol=0)
+    assert (expected > 0).sum() > 20
+
+    # gsplat's convention on the same Gaussian: the normalised q = (0, 1, 0, 0) leaves the axes alone, + 0.3 px²
+    _, _, meta_gsplat = rasterization(means, quats, scales.reshape(1, 1, 3), opacities, colors, viewmats[None],
+                                      Ks[None], width, height)
+    conic_gsplat = torch.linalg.inv(J @ torch.diag(scales**2) @ J.T + 0.3 * torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(meta_gsplat["conics"][0, 0, 0],
+                               torch.stack([conic_gsplat[0, 0], conic_gsplat[0, 1], conic_gsplat[1, 1]]), atol=0, rtol=1e-12)
+
+
+def test_diffsplat_convention_adds_no_dilation_to_a_tiny_gaussian():
+    """A Gaussian of 1 mm at 1.7 m is 0.03 px wide: gsplat's 0.3 px² dilation would make it 18x wider;
+    the diffsplat convention keeps its 2D covariance exactly the projected one."""
+    focal, z, scale = 50.0, 1.7, 1e-3
+    viewmats, Ks = pinhole(16, 16, focal)
+    scene = isotropic([0.0, 0.0, z], scale, 0.9, [1.0, 1.0, 1.0])
+    projected = (focal * scale / z) ** 2  # px², J·s²I·Jᵀ on the axis
+    _, _, meta = rasterization(*scene, viewmats[None], Ks[None], 16, 16, gaussian_convention="diffsplat")
+    torch.testing.assert_close(meta["conics"][0, 0, 0], torch.tensor([1 / projected, 0.0, 1 / projected], dtype=torch.float64),
+                               atol=1e-9, rtol=1e-12)
+    _, _, meta = rasterization(*scene, viewmats[None], Ks[None], 16, 16)  # gsplat's convention
+    dilated = projected + 0.3
+    torch.testing.assert_close(meta["conics"][0, 0, 0], torch.tensor([1 / dilated, 0.0, 1 / dilated], dtype=torch.float64),
+                               atol=1e-12, rtol=1e-12)
+    # an explicit eps2d still wins over the convention's default
+    _, _, meta = rasterization(*scene, viewmats[None], Ks[None], 16, 16, eps2d=0.3, gaussian_convention="diffsplat")
+    torch.testing.assert_close(meta["conics"][0, 0, 0, 0], torch.tensor(1 / dilated, dtype=torch.float64))
+    with pytest.raises(ValueError, match="gaussian_convention must be one of"):
+        rasterization(*scene, viewmats[None], Ks[None], 16, 16, gaussian_convention="rade")
+
+
+def test_gradcheck_diffsplat_convention():
+    """Gradients through the raw-quaternion covariances, quaternion length included."""
+    means, quats, scales, _, _ = random_scene(3, seed=12, scale=(0.04, 0.08))
+    opacities = torch.tensor([[0.3, 0.5, 0.4]], dtype=torch.float64)
+    colors = torch.rand(1, 3, 3, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    quats = 0.8 * torch.nn.functional.normalize(quats, dim=-1)  # |q| = 0.8: the covariance shrinks but stays full rank
+    cameras = default_rig(num_views=2, size=8)
+    viewmats, Ks = cameras.viewmats.double()[None], cameras.Ks.double()[None]
+
+    def render(means, quats, scales, opacities, colors):
+        images, alphas, _ = rasterization(means, quats, scales, opacities, colors, viewmats, Ks, 8, 8,
+                                          render_mode="RGB+ED", gaussian_convention="diffsplat")
+        return images, alphas
+
+    inputs = tuple(t.clone().requires_grad_() for t in (means, quats, scales, opacities, colors))
+    _, alphas = render(*inputs)
+    assert 0.05 < alphas.max() < 0.99
+    assert torch.autograd.gradcheck(render, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+def test_pipeline_renders_in_its_gaussian_convention():
+    """SplatPipeline hands its convention to every render the rewards see (render and render_views)."""
+    torch.manual_seed(0)
+    generator = TinySplatGenerator.from_config(
+        dict(num_layers=1, num_attention_heads=2, attention_head_dim=8, resolution=8, caption_channels=16))
+    cameras = default_rig(num_views=4, size=16)
+    latents = torch.rand(1, *generator.latent_shape) * 2 - 1  # quaternion channels in [-1, 1], not unit
+    splats = generator.latents_to_splats(latents)
+    renders = {}
+    for convention in ("gsplat", "diffsplat"):
+        pipe = SplatPipeline(generator, num_steps=2, gaussian_convention=convention)
+        assert pipe.gaussian_convention == convention
+        renders[convention] = pipe.render(latents, cameras)["images"]
+        torch.testing.assert_close(renders[convention], render_splats(splats, cameras, gaussian_convention=convention).images)
+        torch.testing.assert_close(renders[convention], render_views(splats, cameras, gaussian_convention=convention)["images"])
+    assert (renders["gsplat"] - renders["diffsplat"]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="gaussian_convention must be one of"):
+        SplatPipeline(generator, num_steps=2, gaussian_convention="rade-gs")
+
+
 def test_compositing_follows_depth_order():
     viewmats, Ks = pinhole(16, 16, 20.0)
     red, blue = [1.0, 0, 0], [0, 0, 1.0]
@@ -138,11 +294,16 @@ def test_point_at_origin_renders_at_image_centre_from_every_default_view():
     torch.testing.assert_close((alphas.sum(2) * centres).sum(1) / total, torch.full((4,), 16.0))  # row
 
 
+@pytest.mark.parametrize("gaussian_convention", ["gsplat", "diffsplat"])
 @pytest.mark.parametrize("pairs_per_chunk", [1 << 22, 40])
-def test_matches_brute_force_reference(pairs_per_chunk):
+def test_matches_brute_force_reference(pairs_per_chunk, gaussian_convention):
     """Two objects, three views, per-view colours, termination (opaque stacks), a Gaussian behind
-    the near plane and one beyond the image; small chunks exercise the row-chunking path."""
+    the near plane and one beyond the image; small chunks exercise the row-chunking path. The
+    scene's quaternions are not unit (randn), so the two conventions render differently."""
     means, quats, scales, opacities, _ = random_scene(40, B=2, seed=3)
+    # |q| in [0.6, 1.3] (decoded DiffSplat quaternions are not unit): sizes change only in "diffsplat"
+    lengths = torch.empty(2, 40, 1, dtype=torch.float64).uniform_(0.6, 1.3, generator=torch.Generator().manual_seed(6))
+    quats = torch.nn.functional.normalize(quats, dim=-1) * lengths
     means[:, :5] = torch.tensor([0.05, -0.02, 0.0], dtype=torch.float64) + 0.01 * torch.arange(5.0)[:, None]
     opacities[:, :5] = 0.995  # an opaque stack in the middle: pixels terminate (T <= 1e-4)
     scales[:, :5] = 0.1
@@ -158,14 +319,15 @@ def test_matches_brute_force_reference(pairs_per_chunk):
 
     images, alphas, meta = rasterization(
         means, quats, scales, opacities, colors, viewmats, Ks, 24, 20, backgrounds=backgrounds,
-        pairs_per_chunk=pairs_per_chunk,
+        pairs_per_chunk=pairs_per_chunk, gaussian_convention=gaussian_convention,
     )
     assert images.shape == (2, 3, 20, 24, 4) and alphas.shape == (2, 3, 20, 24, 1)
     assert (meta["num_chunks"] > 1) == (pairs_per_chunk == 40)
     assert (alphas > 0.9998).any() and (alphas < 1e-3).any()  # some pixels terminated, some empty
     for b in range(2):
         ref_images, ref_alphas = brute_force(
-            means[b], quats[b], scales[b], opacities[b], colors[b], viewmats[b], Ks[b], 24, 20, backgrounds[b], 0.01
+            means[b], quats[b], scales[b], opacities[b], colors[b], viewmats[b], Ks[b], 24, 20, backgrounds[b], 0.01,
+            gaussian_convention,
         )
         torch.testing.assert_close(images[b], ref_images, atol=1e-9, rtol=1e-9)
         torch.testing.assert_close(alphas[b], ref_alphas, atol=1e-9, rtol=1e-9)

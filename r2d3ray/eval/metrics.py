@@ -297,7 +297,7 @@ def evaluate(cfg: R2D3Config, runs: list[RunSpec], prompts: list[str], seeds: li
                 chunk = prompts[start:start + batch_size]
                 # Batch k of seed s has the noise of batch k of infer.generate(pipe, prompts, s, batch_size).
                 splats = pipe.splats(pipe.sample(chunk, batch_generator(seed, k)).final)
-                views = render_views(splats, cameras, needs)
+                views = render_views(splats, cameras, needs, gaussian_convention=pipe.gaussian_convention)
                 extras = {k: views[k] for k in needs}
                 scored = reward.score(views["images"], chunk, extras)
                 metrics = {"reward": scored.rewards}

@@ -19,7 +19,7 @@ from r2d3ray.models.generator import SplatGenerator
 from r2d3ray.models.schedulers import SDEDPMSolver, ode_sample, sample_trajectory
 from r2d3ray.render.cameras import Cameras
 from r2d3ray.render.normals import gaussian_normals, rendered_normals
-from r2d3ray.render.rasterize import render_splats
+from r2d3ray.render.rasterize import GAUSSIAN_CONVENTIONS, render_splats
 from r2d3ray.splats import Splats
 
 
@@ -59,9 +59,18 @@ class Rollout:
 
 
 class SplatPipeline:
-    def __init__(self, generator: SplatGenerator, num_steps: int = 20, eta: float = 1.0, guidance_scale: float = 5.0):
+    """``gaussian_convention`` is how the renderer turns splats into covariances (config key
+    ``render.gaussian_convention``): "gsplat", or "diffsplat" for DiffSplat's raw quaternions and
+    no dilation (r2d3ray/render/rasterize.py). Every render the rewards see goes through it."""
+
+    def __init__(self, generator: SplatGenerator, num_steps: int = 20, eta: float = 1.0, guidance_scale: float = 5.0,
+                 gaussian_convention: str = "gsplat"):
+        if gaussian_convention not in GAUSSIAN_CONVENTIONS:
+            raise ValueError(f"SplatPipeline: gaussian_convention must be one of {GAUSSIAN_CONVENTIONS}, "
+                             f"got {gaussian_convention!r}")
         self.generator = generator
         self.guidance_scale = guidance_scale
+        self.gaussian_convention = gaussian_convention
         self.sampler = SDEDPMSolver(num_steps, eta, **generator.scheduler_config)
 
     def denoise_fn(self, prompts: list[str], guidance_scale: float | None = None):
@@ -103,14 +112,15 @@ class SplatPipeline:
     def render(self, latents: torch.Tensor, cameras: Cameras, needs: frozenset[str] = frozenset(),
                background=(1.0, 1.0, 1.0)) -> dict[str, torch.Tensor]:
         """Latents (B, V, C, h, w) -> views for the rewards, differentiable back to the latents."""
-        return render_views(self.splats(latents), cameras, needs, background)
+        return render_views(self.splats(latents), cameras, needs, background, self.gaussian_convention)
 
 
 def render_views(splats: Splats, cameras: Cameras, needs: frozenset[str] = frozenset(),
-                 background=(1.0, 1.0, 1.0)) -> dict[str, torch.Tensor]:
+                 background=(1.0, 1.0, 1.0), gaussian_convention: str = "gsplat") -> dict[str, torch.Tensor]:
     """images, alphas, depths (+ normals when needed) of every object from every camera."""
     features = gaussian_normals(splats, cameras) if "normals" in needs else None  # (B, V, N, 3) camera space
-    out = render_splats(splats, cameras, background=background, extra_features=features)
+    out = render_splats(splats, cameras, background=background, extra_features=features,
+                        gaussian_convention=gaussian_convention)
     views = {"images": out.images, "alphas": out.alphas, "depths": out.depths}
     if features is not None:
         views["normals"] = rendered_normals(out.features, out.alphas)  # (B, V, 3, H, W)

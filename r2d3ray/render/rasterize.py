@@ -7,8 +7,9 @@ rasteriser (its ``_torch_impl`` covers projection only; the pixel stage needs CU
 (``RasterizeToPixels3DGSFwd.cu``, ``ProjectionEWA3DGSFused.cu``) so the two agree:
 
 * projection with gsplat's pure-torch helpers (EWA, Jacobian clamped to 1.3x the FoV), covariance
-  dilated by ``eps2d`` (0.3 px²), Gaussians culled when their depth is outside
-  ``[near_plane, far_plane]``, their opacity is below 1/255 or their box misses the image;
+  dilated by ``eps2d`` (0.3 px²; 0 in the "diffsplat" convention below), Gaussians culled when
+  their depth is outside ``[near_plane, far_plane]``, their opacity is below 1/255 or their box
+  misses the image;
 * pixel (row i, column j) is sampled at ``(j + 0.5, i + 0.5)``;
   ``alpha = min(0.999, opacity·exp(−σ))``, pairs with ``alpha < 1/255`` are skipped;
 * front-to-back compositing in depth order; a pixel stops *before* the first Gaussian whose
@@ -37,6 +38,37 @@ How the torch renderer works (memory bounded, vectorised):
 
 ``render_splats`` is the convenience the rest of the project uses: (B objects × V views) renders
 over a white background, images/alphas/depths as (B, V, C, H, W).
+
+Gaussian conventions (``gaussian_convention``): how (quaternion, scales) become a 3D covariance and
+whether the 2D covariance is dilated. Both backends implement both.
+
+* ``"gsplat"`` (default): gsplat's own. The quaternion is normalised, ``R = R(q/|q|)``, and each
+  2D covariance is dilated by ``eps2d = 0.3`` px² (gsplat's ``add_blur``).
+* ``"diffsplat"``: what DiffSplat's renderer computes. DiffSplat renders with RaDe-GS's fork of
+  ``diff_gaussian_rasterization`` and hands it the decoded quaternion channels as they are
+  (``gs_util.render``: ``rotations=pc.rotation``, ``kernel_size=0``). RaDe-GS's ``computeCov3D``
+  (``cuda_rasterizer/forward.cu``) has the original 3DGS normalisation commented out
+  (``glm::vec4 q = rot;// / glm::length(rot);``), so it evaluates the 3DGS unit-quaternion
+  formula on the raw q = (w, x, y, z)::
+
+      R_raw(q) = [[1 − 2(y²+z²), 2(xy − wz),   2(xz + wy)  ],
+                  [2(xy + wz),   1 − 2(x²+z²), 2(yz − wx)  ],
+                  [2(xz − wy),   2(yz + wx),   1 − 2(x²+y²)]],     Σ = R_raw·S²·R_rawᵀ.
+
+  For |q| ≠ 1 this is not a rotation: R_raw(q) = |q|²·R(q/|q|) + (1 − |q|²)·I, so the covariance
+  changes with the quaternion's length, and is not just scaled (q = (c, 0, 0, 0) gives I for every
+  c; q = (0, c, 0, 0) gives diag(1, 1 − 2c², 1 − 2c²)). (3DGS's Python side normalises before the
+  kernel, ``build_rotation``/``rotation_activation``; DiffSplat's decoder path does not.) Its 2D
+  covariance gets ``kernel_size = 0``: no dilation, ``eps2d = 0``. On CUDA the covariances are built
+  here and passed to gsplat as ``covars`` (gsplat then ignores quats/scales).
+
+  What the convention does *not* change (RaDe-GS's kernel differs from gsplat's there too; these
+  stay gsplat's): RaDe-GS multiplies the opacity by ``sqrt(det/(det + 1e-6) + 1e-6)`` (``det``
+  the 2D covariance's determinant in px⁴; 0 when ``det <= 1e-6``), which dims the smallest
+  DiffSplat Gaussians at 256² by up to ~2% and drops on-screen-degenerate ones; it clamps alpha at
+  0.99 (gsplat 0.999); its box is 3σ of the larger eigenvalue (gsplat's opacity-aware 3.33σ, which
+  keeps every pair above 1/255); and its depth is RaDe-GS's ray-plane depth, not Σwz/Σw. Pixel
+  centres agree: both put the principal point cx = W/2 between pixels W/2 − 1 and W/2.
 """
 from __future__ import annotations
 
@@ -59,6 +91,36 @@ MAX_ALPHA = 0.999  # gsplat clamps alpha so that 1 - alpha never reaches 0
 TRANSMITTANCE_MIN = 1e-4  # a pixel stops before the Gaussian that would bring T to <= this
 RADIUS_SIGMAS = 3.33  # gsplat's box half-size in standard deviations (before opacity-awareness)
 DEFAULT_PAIRS_PER_CHUNK = 1 << 22  # ~4M (pixel, Gaussian) box pairs: < 1 GB peak, and one chunk for 64² renders
+GAUSSIAN_CONVENTIONS = ("gsplat", "diffsplat")  # see the module docstring
+# The screen-space dilation (px²) each convention adds to 2D covariances when eps2d is not given.
+DEFAULT_EPS2D = {"gsplat": 0.3, "diffsplat": 0.0}
+
+
+def raw_quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
+    """R_raw(q) (..., 3, 3): the 3DGS quaternion formula on q (..., 4) wxyz *without* normalising q,
+    as RaDe-GS's ``computeCov3D`` evaluates it (DiffSplat's renderer). Equals R(q/|q|) for unit q."""
+    w, x, y, z = quats.unbind(-1)
+    rows = (
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+    )  # fmt: skip
+    return torch.stack(rows, dim=-1).unflatten(-1, (3, 3))
+
+
+def gaussian_covariances(quats: torch.Tensor, scales: torch.Tensor, gaussian_convention: str = "gsplat") -> torch.Tensor:
+    """World-space 3D covariances (..., N, 3, 3) from quats (..., N, 4) wxyz and scales (..., N, 3).
+
+    "gsplat": gsplat's ``_quat_scale_to_covar_preci`` (q normalised); "diffsplat": (R_raw·S)(R_raw·S)ᵀ
+    with :func:`raw_quat_to_rotmat` (q as it is).
+    """
+    if gaussian_convention == "gsplat":
+        covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_preci=False)
+        return covars
+    if gaussian_convention == "diffsplat":
+        M = raw_quat_to_rotmat(quats) * scales[..., None, :]  # R·S: column k of R scaled by scales[k]
+        return M @ M.transpose(-1, -2)
+    raise ValueError(f"gaussian_convention must be one of {GAUSSIAN_CONVENTIONS}, got {gaussian_convention!r}")
 
 
 def rasterization(
@@ -73,12 +135,13 @@ def rasterization(
     height: int,
     near_plane: float = 0.01,
     far_plane: float = 1e10,
-    eps2d: float = 0.3,
+    eps2d: float | None = None,
     backgrounds: torch.Tensor | None = None,  # [..., C, D]
     render_mode: str = "RGB+ED",
     *,
     backend: str = "auto",
     pairs_per_chunk: int = DEFAULT_PAIRS_PER_CHUNK,
+    gaussian_convention: str = "gsplat",
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Render Gaussians into C cameras per batch element, as ``gsplat.rasterization``.
 
@@ -86,20 +149,30 @@ def rasterization(
     "RGB+D"/"RGB+ED" with depth last), ``render_alphas [..., C, H, W, 1]`` and ``meta``.
     ``backend``: "auto" (gsplat for CUDA tensors, torch otherwise), "gsplat" or "torch" (any
     device; used for parity checks). ``pairs_per_chunk`` bounds the torch renderer's memory.
+    ``gaussian_convention``: "gsplat" (normalised quaternions) or "diffsplat" (raw quaternions, as
+    DiffSplat's RaDe-GS renderer; module docstring). ``eps2d`` (px²) defaults to the convention's
+    dilation, 0.3 for "gsplat" and 0 for "diffsplat".
     """
+    if gaussian_convention not in GAUSSIAN_CONVENTIONS:
+        raise ValueError(f"rasterization: gaussian_convention must be one of {GAUSSIAN_CONVENTIONS}, "
+                         f"got {gaussian_convention!r}")
+    eps2d = DEFAULT_EPS2D[gaussian_convention] if eps2d is None else eps2d
     _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
                   near_plane, far_plane, eps2d, backgrounds, render_mode, backend, pairs_per_chunk)
     if backend == "gsplat" or (backend == "auto" and means.is_cuda):
         import gsplat  # JIT-compiles its CUDA kernels on first use; never reached with CPU tensors
 
+        # gsplat builds normalised-quaternion covariances itself (faster); any other convention's go in
+        # as covars [..., N, 3, 3], and gsplat ignores quats and scales.
+        covars = None if gaussian_convention == "gsplat" else gaussian_covariances(quats, scales, gaussian_convention)
         return gsplat.rasterization(
             means, quats, scales, opacities, colors, viewmats, Ks, width, height,
             near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, packed=False,
-            backgrounds=backgrounds, render_mode=render_mode,
+            backgrounds=backgrounds, render_mode=render_mode, covars=covars,
         )
     return _torch_rasterization(
-        means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-        near_plane, far_plane, eps2d, backgrounds, render_mode, pairs_per_chunk,
+        means, gaussian_covariances(quats, scales, gaussian_convention), opacities, colors, viewmats, Ks,
+        width, height, near_plane, far_plane, eps2d, backgrounds, render_mode, pairs_per_chunk,
     )
 
 
@@ -178,24 +251,23 @@ class _Boxes(NamedTuple):
     row1: torch.Tensor  # (K,) last stacked row (inclusive)
 
 
-def _torch_rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+def _torch_rasterization(means, covars, opacities, colors, viewmats, Ks, width, height,
                          near_plane, far_plane, eps2d, backgrounds, render_mode, pairs_per_chunk):
     dtype = means.dtype
     batch, N, C = tuple(means.shape[:-2]), means.shape[-2], viewmats.shape[-3]
     B = math.prod(batch)
     I = B * C  # number of images
-    means, quats, scales = means.reshape(B, N, 3), quats.reshape(B, N, 4), scales.reshape(B, N, 3)
+    means, covars = means.reshape(B, N, 3), covars.reshape(B, N, 3, 3)  # world-space 3D covariances
     viewmats, Ks = viewmats.reshape(B, C, 4, 4).to(dtype), Ks.reshape(B, C, 3, 3).to(dtype)
 
     # --- projection (gsplat's torch helpers) ---
-    covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_preci=False)  # (B, N, 3, 3)
     means_c, covars_c = _world_to_cam(means, covars, viewmats)  # (B, C, N, 3), (B, C, N, 3, 3)
     depths = means_c[..., 2]  # (B, C, N)
     visible = (depths >= near_plane) & (depths <= far_plane)
     # Culled Gaussians may sit at z = 0; project a harmless point instead so no inf/NaN leaks into grads.
     safe_means_c = torch.where(visible[..., None], means_c, means_c.new_tensor([0.0, 0.0, 1.0]))
     means2d, covars2d = _persp_proj(safe_means_c, covars_c, Ks, width, height)  # (B,C,N,2), (B,C,N,2,2)
-    cov_xx = covars2d[..., 0, 0] + eps2d  # low-pass dilation, as gsplat's add_blur
+    cov_xx = covars2d[..., 0, 0] + eps2d  # low-pass dilation, as gsplat's add_blur (0 for "diffsplat")
     cov_yy = covars2d[..., 1, 1] + eps2d
     cov_xy = 0.5 * (covars2d[..., 0, 1] + covars2d[..., 1, 0])
     det = cov_xx * cov_yy - cov_xy**2
@@ -405,12 +477,15 @@ def render_splats(
     cameras: Cameras,
     background=(1.0, 1.0, 1.0),
     extra_features: torch.Tensor | None = None,
+    gaussian_convention: str = "gsplat",
 ) -> RenderOutput:
     """Render every object of ``splats`` (B, N) from every camera of ``cameras``.
 
     ``cameras.viewmats`` is (V, 4, 4) (shared by all objects) or (B, V, 4, 4). ``background`` is
     3 floats, a (3,) tensor or (B, V, 3). ``extra_features`` (B, N, F) or per view (B, V, N, F)
     (e.g. ``normals.gaussian_normals``) are rendered alongside the colours, in the same pass.
+    ``gaussian_convention``: "gsplat" or "diffsplat" (DiffSplat's raw quaternions, no dilation; see
+    the module docstring).
     """
     splats.validate()
     B, N = splats.means.shape[:2]
@@ -443,7 +518,7 @@ def render_splats(
 
     render, alphas, _ = rasterization(
         splats.means, splats.quats, splats.scales, splats.opacities, colors, viewmats, Ks,
-        cameras.width, cameras.height, backgrounds=bg, render_mode="RGB+ED",
+        cameras.width, cameras.height, backgrounds=bg, render_mode="RGB+ED", gaussian_convention=gaussian_convention,
     )  # (B, V, H, W, 3+F+1), (B, V, H, W, 1)
     render = render.permute(0, 1, 4, 2, 3)  # (B, V, 3+F+1, H, W)
     return RenderOutput(
