@@ -53,10 +53,14 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from r2d3ray.config import load_config
-    from r2d3ray.train.launch import launch
+    from r2d3ray.train.launch import LaunchError, launch
 
     cfg = load_config(args.config, args.overrides)
-    result = launch(cfg, address=args.address, dry_run=args.dry_run)
+    try:
+        result = launch(cfg, address=args.address, dry_run=args.dry_run, config_file=args.config)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if result is not None:
         print(f"finished {cfg.name!r}; latest checkpoint: {result.checkpoint.path if result.checkpoint else 'none'}")
     return 0
@@ -122,6 +126,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_diffsplat(args: argparse.Namespace) -> int:
+    from r2d3ray.models.prepare import prepare_diffsplat, prompts_to_cache
+
+    prompt_files, eval_prompts, out = list(args.prompts), [], args.out
+    if args.config:
+        from r2d3ray.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if cfg.model.kind != "diffsplat":
+            raise ValueError(f"--config {args.config}: model.kind is {cfg.model.kind!r}; prepare-diffsplat needs a "
+                             "DiffSplat run config such as configs/diffsplat_pas_hps.yaml")
+        prompt_files += [cfg.prompts.file] if cfg.prompts.file else []
+        eval_prompts, out = cfg.tracking.eval_prompts, out or cfg.model.path
+    if not out:
+        raise ValueError("--out is required (or --config with a model.path): the model directory to write")
+    out = prepare_diffsplat(args.diffsplat, args.pixart, out, prompts_to_cache(prompt_files, eval_prompts),
+                            reference_cache=args.reference_cache, batch_size=args.batch_size,
+                            address=args.address, num_encoders=args.num_encoders)  # fmt: skip
+    print(f"wrote {out}; load it with model.kind: diffsplat, model.path: {out}")
+    return 0
+
+
 BENCHMARKS = {
     "render": "renderer forward+backward time and peak memory vs Gaussians and resolution",
     "rewards": "reward latency/throughput in-process vs Serve handle vs HTTP, with gradients",
@@ -167,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="align a generator with rewards (Ray Train + DeepSpeed, Serve rewards, MLflow)")
     _add_config_args(train)
     train.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-    train.add_argument("--dry-run", action="store_true", help="check config, files, resources and reward endpoints; train nothing")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the config, the model's files, the prompts (and DiffSplat's prompt cache), "
+                            "the reward app, the storage and the cluster's resources; train nothing")
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="the embedded default end to end: align the tiny prior, then compare before/after")
@@ -205,6 +233,34 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--lora", metavar="DIR", help="a LoRA directory (a checkpoint's lora/); default: the base model")
     sample.add_argument("--size", type=int, default=256, help="grid view size in pixels (default 256)")
     sample.set_defaults(func=cmd_sample)
+
+    prepare = sub.add_parser(
+        "prepare-diffsplat",
+        help="write a DiffSplat model directory (transformer, GS-VAE, scheduler, T5 prompt cache) from the released files",
+        description="Prepare the directory that model.kind=diffsplat loads, from DiffSplat's and PixArt-Sigma's "
+        "released files (nothing is downloaded). Each step is skipped when already done; the T5 prompt cache is "
+        "written in shards of 1000 prompts and a re-run encodes only the missing prompts. The shipped sample "
+        "prompts and the empty prompt are always cached. See r2d3ray/models/prepare.py.",
+    )
+    prepare.add_argument("--diffsplat", required=True, metavar="DIR",
+                         help="chenguolin/DiffSplat as `download_ckpt.py --model_type pas` fetches it "
+                              "(gsdiff_gobj83k_pas_fp16__render/, gsvae_gobj265k_sdxl_fp16/; newest iteration of each)")
+    prepare.add_argument("--pixart", required=True, metavar="DIR",
+                         help="PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers (tokenizer/, text_encoder/, vae/, scheduler/)")
+    prepare.add_argument("--out", metavar="DIR", help="the model directory to write (default with --config: its model.path)")
+    _add_config_args(prepare, required=False,
+                     what="a DiffSplat run config: also cache its prompts.file and tracking.eval_prompts")
+    prepare.add_argument("--prompts", action="append", default=[], metavar="FILE",
+                         help="a prompt file (.txt or .parquet) whose prompts to cache (repeatable)")
+    prepare.add_argument("--reference-cache", metavar="DIR",
+                         help="import Nabla-R2D3's cached embeddings (its *prompt_embeds.pt, masks and prompt .txt) first")
+    prepare.add_argument("--batch-size", type=int, default=64, help="prompts per T5 forward pass (default 64)")
+    prepare.add_argument("--address", default=None,
+                         help="encode on this Ray cluster with Ray Data, one T5 per GPU ('auto', 'ray://...', or "
+                              "'local' for a new local instance); default: on this machine, CUDA when available")
+    prepare.add_argument("--num-encoders", type=int, default=None,
+                         help="T5 replicas with --address (default: one per GPU of the cluster)")
+    prepare.set_defaults(func=cmd_prepare_diffsplat)
 
     from r2d3ray.eval.commands import register as register_eval_commands  # imports _add_config_args from here
 

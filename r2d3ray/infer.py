@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from r2d3ray.config import R2D3Config, RenderConfig
 from r2d3ray.eval.prompts import read_prompts
-from r2d3ray.models.loading import load_generator
+from r2d3ray.models.loading import check_on_device, load_generator, resolve_device
 from r2d3ray.models.lora import load_lora
 from r2d3ray.models.pipeline import SplatPipeline, render_views
 from r2d3ray.render.cameras import default_rig, jittered_rig
@@ -59,13 +59,14 @@ def resolve_lora(path: str | Path) -> Path:
 
 def build_pipeline(cfg: R2D3Config, lora: str | Path | None = None, device: str | None = None) -> SplatPipeline:
     """The config's base model (frozen) with ``lora`` loaded as the active adapter, if given, on
-    ``device`` (default: CUDA when available, else CPU)."""
+    ``device`` (default: ``model.device``, whose "auto" is CUDA when available, else the CPU)."""
     lora = resolve_lora(lora) if lora is not None else None  # a bad path fails before the model loads
-    generator = load_generator(cfg)
+    device = resolve_device(cfg.model.device) if device is None else torch.device(device)
+    generator = load_generator(cfg, device)
     if lora is not None:
         load_lora(generator.denoiser, lora, adapter="policy")
-    generator.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return SplatPipeline(generator, cfg.sampling.num_steps, cfg.sampling.eta, cfg.sampling.guidance_scale)
+    check_on_device(generator, device)
+    return SplatPipeline(generator, cfg.sampling.num_steps, cfg.sampling.eta, cfg.sampling.guidance_scale, cfg.render.gaussian_convention)
 
 
 def check_prompts(pipe: SplatPipeline, prompts: list[str]) -> None:
@@ -128,8 +129,9 @@ def infer_batch(pipe: SplatPipeline, prompts: list[str], batch_index: int, out_d
                                render.elevation_delta_deg, generator=rng, batch_size=len(prompts))
     else:
         cameras = default_rig(render.num_views, opts.size)
+    cameras = cameras.to(pipe.generator.device)
     views = render_views(splats, cameras, frozenset({"normals"}) if opts.vis_normal else frozenset(),
-                         background=render.background)
+                         background=render.background, gaussian_convention=pipe.gaussian_convention)
     written = []
     for i, prompt in enumerate(prompts):
         stem = f"{batch_index * opts.batch_size + i:04d}_{slugify(prompt)}" + (f"_{opts.tag}" if opts.tag else "")
@@ -164,13 +166,13 @@ def write_outputs(pipe: SplatPipeline, prompts: list[str], latents: torch.Tensor
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     splats = pipe.splats(latents).detach()
-    cameras = default_rig(pipe.generator.num_views, size)
+    cameras = default_rig(pipe.generator.num_views, size).to(pipe.generator.device)
     written = []
     for i, prompt in enumerate(prompts):
         stem = slugify(prompt) + (f"_{tag}" if tag else "")
         one = splats[i]
         save_ply(out_dir / f"{stem}.ply", one)
-        save_grid_png(render_views(one, cameras)["images"], out_dir / f"{stem}.png")
+        save_grid_png(render_views(one, cameras, gaussian_convention=pipe.gaussian_convention)["images"], out_dir / f"{stem}.png")
         written += [out_dir / f"{stem}.ply", out_dir / f"{stem}.png"]
     return written
 

@@ -6,7 +6,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from r2d3ray.models.generator import CheckpointNotFoundError, PromptEmbeds, SplatGenerator
-from r2d3ray.models.mv_attention import MVAttnProcessor, set_mv_attention
+from r2d3ray.models.mv_attention import set_mv_attention
 from r2d3ray.models.schedulers import SDEDPMSolver, predict_x0
 from r2d3ray.models.tiny import TINY_DEFAULT_CONFIG, TINY_SCHEDULER_CONFIG, PromptTokenEncoder, TinySplatGenerator
 from r2d3ray.models.world import vocabulary
@@ -186,22 +186,52 @@ def test_mv_attention_checks_its_inputs():
         set_mv_attention(generator.denoiser)
 
 
-def test_float32_softmax_under_bf16():
+def _bf16_outputs(generator, x, upcast: bool, monkeypatch=None, seen=None):
+    """The denoiser of ``generator`` in bf16 (``upcast``: Nabla-R2D3's float32 parts) on ``x``; with
+    ``seen``, records the dtypes that reach attention and LayerNorm."""
+    import copy
+
+    denoiser = set_mv_attention(copy.deepcopy(generator.denoiser).to(torch.bfloat16), upcast_softmax=upcast)
+    if seen is not None:
+        sdpa, layer_norm = torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.layer_norm
+
+        def spy_sdpa(query, key, value, **kwargs):
+            kind = "self" if key.shape[-2] == query.shape[-2] else "cross"  # V·n tokens vs the prompt's
+            seen.append((kind, query.dtype))
+            return sdpa(query, key, value, **kwargs)
+
+        def spy_layer_norm(x, *args, **kwargs):
+            seen.append(("layer_norm", x.dtype))
+            return layer_norm(x, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_sdpa)
+        monkeypatch.setattr(torch.nn.functional, "layer_norm", spy_layer_norm)
+    embeds = generator.encode_prompts(["a red cube"] * x.shape[0]).to(dtype=torch.bfloat16)
+    with torch.no_grad():
+        return denoiser(
+            x.bfloat16(), encoder_hidden_states=embeds.embeds, encoder_attention_mask=embeds.mask,
+            timestep=torch.full((x.shape[0],), 400), added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False, cross_attention_kwargs={"num_views": 4},
+        )[0]  # fmt: skip
+
+
+def test_bf16_upcasts_self_attention_and_two_norms_only(monkeypatch):
     torch.manual_seed(0)
     generator = TinySplatGenerator.from_config(SMALL).eval()
-    x = torch.randn(8, 18, 16, 16)
-    kwargs = {"cross_attention_kwargs": {"num_views": 4}}
-    reference = _denoiser_outputs(generator, x, **kwargs)
-    generator.denoiser.to(torch.bfloat16)
-    set_mv_attention(generator.denoiser, upcast_softmax=True)
-    processor = generator.denoiser.transformer_blocks[0].attn1.processor
-    assert isinstance(processor, MVAttnProcessor) and processor.upcast_softmax
-    embeds = generator.encode_prompts(["a red cube"] * 8).to(dtype=torch.bfloat16)
-    with torch.no_grad():
-        out = generator.denoiser(
-            x.bfloat16(), encoder_hidden_states=embeds.embeds, encoder_attention_mask=embeds.mask,
-            timestep=torch.full((8,), 400), added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-            return_dict=False, **kwargs,
-        )[0]  # fmt: skip
+    x = torch.randn(8, 18, 16, 16)  # two objects x 4 views
+    reference = _denoiser_outputs(generator, x, cross_attention_kwargs={"num_views": 4})  # float32 weights
+
+    seen = []
+    out = _bf16_outputs(generator, x, upcast=True, monkeypatch=monkeypatch, seen=seen)
+    layers = SMALL["num_layers"]
     assert out.dtype == torch.bfloat16
-    assert (out.float() - reference).abs().mean() < 0.05 * reference.abs().mean()
+    assert seen.count(("self", torch.float32)) == layers and seen.count(("cross", torch.bfloat16)) == layers
+    # norm2 of every block and norm_out in float32; norm1 (before self-attention) stays in bf16.
+    assert seen.count(("layer_norm", torch.float32)) == layers + 1
+    assert seen.count(("layer_norm", torch.bfloat16)) == layers
+    monkeypatch.undo()
+
+    plain = _bf16_outputs(generator, x, upcast=False)
+    error_upcast = (out.float() - reference).abs().mean()
+    error_plain = (plain.float() - reference).abs().mean()
+    assert error_upcast < error_plain and error_upcast < 0.05 * reference.abs().mean()

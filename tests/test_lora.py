@@ -165,3 +165,34 @@ def test_argument_errors(base_dir, tmp_path):
     lora.add_lora_adapter(denoiser, "policy")
     with pytest.raises(ValueError, match="already exists"):
         lora.add_lora_adapter(denoiser, "policy")
+
+
+def test_reference_files_with_unet_prefixed_keys_load(base_dir, tmp_path):
+    # Nabla-R2D3 saves with StableDiffusionPipeline.save_lora_weights(unet_lora_layers=...): the peft
+    # keys prefixed "unet." and no adapter metadata (rank from the shapes, alpha = rank: scale 1).
+    from diffusers.loaders.lora_base import LoraBaseMixin
+    from peft.utils import get_peft_model_state_dict
+
+    generator = _load(base_dir)
+    lora.add_lora_adapter(generator.denoiser, "policy", rank=4)
+    _randomize(generator.denoiser, "policy", seed=8)
+    expected = _predict(generator)
+    weights = get_peft_model_state_dict(generator.denoiser, adapter_name="policy")
+    LoraBaseMixin.write_lora_layers(state_dict=LoraBaseMixin.pack_weights(weights, "unet"), save_directory=str(tmp_path),
+                                    is_main_process=True, weight_name="pytorch_lora_weights.safetensors",
+                                    save_function=None, safe_serialization=True)
+    with safetensors.safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        assert all(k.startswith("unet.") for k in f.keys())
+
+    fresh = _load(base_dir)  # a new adapter, through diffusers' loader
+    lora.load_lora(fresh.denoiser, tmp_path, adapter="policy")
+    assert fresh.denoiser.peft_config["policy"].r == 4
+    assert torch.equal(_predict(fresh), expected)
+
+    _randomize(generator.denoiser, "policy", seed=9)  # an existing adapter, in place
+    lora.load_lora(generator.denoiser, tmp_path, adapter="policy")
+    assert torch.equal(_predict(generator), expected)
+
+    safetensors.torch.save_file({"text_encoder.x.lora_A.weight": torch.zeros(1, 1)}, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(ValueError, match="no LoRA keys prefixed 'transformer.' or 'unet.'"):
+        lora.load_lora(_load(base_dir).denoiser, tmp_path)

@@ -106,7 +106,7 @@ def evaluate_prior(
     if batch_size < 1 or render_size < 2:
         raise ValueError(f"batch_size={batch_size} must be >= 1 and render_size={render_size} >= 2")
     specs = [parse_prompt(p) for p in prompts]  # ValueError for prompts outside the world
-    cameras = _rescaled(generator.rig, render_size)
+    cameras = _rescaled(generator.rig.to("cpu"), render_size)  # scored on the CPU, where the splats go
     masks = torch.stack([silhouette(spec, cameras) for spec in specs])  # (P, V, 1, H, W) bool
 
     samples = []

@@ -127,14 +127,23 @@ class SplatGenerator(nn.Module):
                 f"{2 * latent_channels} (ε + learned variance)"
             )
         self.denoiser = set_mv_attention(denoiser, upcast_softmax=upcast_softmax)
-        self.rig = rig
+        # The rig's tensors are buffers so that `generator.to(device)` moves them with the weights.
+        self.register_buffer("rig_viewmats", rig.viewmats.float(), persistent=False)  # (V, 4, 4)
+        self.register_buffer("rig_Ks", rig.Ks.float(), persistent=False)  # (V, 3, 3)
+        self.rig_size = (rig.width, rig.height)
         self.register_buffer("plucker", plucker.float(), persistent=False)  # (V, 6, h, w)
         self.latent_channels = latent_channels
         self.scheduler_config = dict(scheduler_config)
 
     @property
+    def rig(self) -> Cameras:
+        """The V input cameras (float32, on the generator's device): the Plücker rays' and the views
+        the splatter images are unprojected from."""
+        return Cameras(self.rig_viewmats.float(), self.rig_Ks.float(), *self.rig_size)
+
+    @property
     def num_views(self) -> int:
-        return self.rig.num_views
+        return self.rig_viewmats.shape[0]
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:

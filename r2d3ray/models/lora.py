@@ -12,6 +12,8 @@ Files are diffusers' LoRA format, as a pipeline's ``save_lora_weights`` writes i
 (``transformer.transformer_blocks.0.attn1.to_q.lora_A.weight``) and the adapter's ``LoraConfig``
 in the safetensors metadata (``lora_adapter_metadata``), plus peft's ``adapter_config.json``.
 ``transformer.load_lora_adapter(dir, prefix="transformer")`` loads them as they are.
+:func:`load_lora` also reads the files Nabla-R2D3 saves (``StableDiffusionPipeline.save_lora_weights``),
+whose keys carry the prefix ``unet.`` instead.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import os
 import warnings
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 import torch
 from diffusers.loaders import PeftAdapterMixin
@@ -32,6 +35,8 @@ DEFAULT_TARGETS = (
     "ff.net.0.proj", "ff.net.2", "proj", "linear", "linear_1", "linear_2",
 )  # fmt: skip
 LORA_PREFIX = "transformer"
+# Key prefixes load_lora reads: ours, and that of the reference's Stable Diffusion pipeline saver.
+LOADABLE_PREFIXES = (LORA_PREFIX, "unet")
 
 
 def _check_denoiser(denoiser, adapter: str | None = None) -> None:
@@ -140,26 +145,39 @@ def save_lora(denoiser, save_directory: str | os.PathLike, adapter: str = "polic
     return Path(save_directory) / LORA_WEIGHT_NAME_SAFE
 
 
+def _key_prefix(path: Path) -> str:
+    """The prefix of the LoRA keys in ``path``: "transformer" (ours) or "unet" (Nabla-R2D3's files)."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        prefixes = {key.split(".", 1)[0] for key in f.keys()}
+    for prefix in LOADABLE_PREFIXES:
+        if prefix in prefixes:
+            return prefix
+    raise ValueError(f"{path} holds no LoRA keys prefixed {' or '.join(repr(p + '.') for p in LOADABLE_PREFIXES)} "
+                     f"(its keys start with {sorted(prefixes)[:5]})")
+
+
 def load_lora(denoiser, load_directory: str | os.PathLike, adapter: str = "policy") -> None:
     """Load ``pytorch_lora_weights.safetensors`` from ``load_directory`` as adapter ``adapter``.
 
-    A new adapter goes through diffusers' ``load_lora_adapter`` (rank and targets from the file).
-    If ``adapter`` already exists, the weights are copied into its parameters in place, so
+    The keys may be prefixed ``transformer.`` (:func:`save_lora`) or ``unet.`` (the reference's
+    files). A new adapter goes through diffusers' ``load_lora_adapter`` (rank and targets from the
+    file). If ``adapter`` already exists, the weights are copied into its parameters in place, so
     optimizers holding them stay valid (resuming); shapes must then match. The adapter ends active.
     """
     _check_denoiser(denoiser)
     path = Path(load_directory) / LORA_WEIGHT_NAME_SAFE
     if not path.is_file():
         raise FileNotFoundError(f"LoRA weights not found: looked for {path} (written by save_lora)")
+    prefix = _key_prefix(path)
     if adapter not in getattr(denoiser, "peft_config", {}):
         denoiser.load_lora_adapter(
-            str(load_directory), prefix=LORA_PREFIX, adapter_name=adapter, weight_name=LORA_WEIGHT_NAME_SAFE
+            str(load_directory), prefix=prefix, adapter_name=adapter, weight_name=LORA_WEIGHT_NAME_SAFE
         )
         denoiser.set_adapter(adapter)
         return
 
-    prefix = LORA_PREFIX + "."
-    weights = {k.removeprefix(prefix): v for k, v in safetensors.torch.load_file(str(path)).items() if k.startswith(prefix)}
+    weights = {k.removeprefix(prefix + "."): v for k, v in safetensors.torch.load_file(str(path)).items()
+               if k.startswith(prefix + ".")}
     current = get_peft_model_state_dict(denoiser, adapter_name=adapter)
     mismatched = sorted(set(weights) ^ set(current)) + sorted(
         k for k in set(weights) & set(current) if weights[k].shape != current[k].shape

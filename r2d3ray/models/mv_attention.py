@@ -9,9 +9,11 @@ through ``cross_attention_kwargs={"num_views": V}``: diffusers' ``Attention`` ha
 only the kwargs its ``__call__`` names, so every attention module of the blocks gets this
 processor (a standard processor would log a warning about ``num_views`` on every call).
 
-``upcast_softmax=True`` runs the attention product and softmax in float32 while the weights stay
-in bf16: the scores of 1024 jointly attending tokens overflow bf16's precision otherwise (the
-numerics trick DiffSplat/Nabla-R2D3 need for bf16 training).
+``upcast_softmax=True`` is Nabla-R2D3's mixed-precision trick (its ``Transformer_FP32_Softmax``)
+for bf16 weights: *self*-attention's product and softmax run in float32 (the scores of 1024
+jointly attending tokens lose too much in bf16), and so do the LayerNorms ``norm2`` of every block
+(before the feed-forward) and the model's ``norm_out``; cross-attention to the prompt stays in the
+weights' dtype, as in the reference.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from diffusers import PixArtTransformer2DModel
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention_processor import Attention
+from torch import nn
 
 
 class PixArtTransformerMV2DModel(PixArtTransformer2DModel, PeftAdapterMixin):
@@ -37,6 +40,7 @@ class MVAttnProcessor:
 
     Self-attention (no ``encoder_hidden_states``) with ``num_views = V`` attends over the
     ``V·n`` tokens of each object; cross-attention and ``num_views = 1`` are plain attention.
+    ``upcast_softmax`` computes self-attention (only) in float32.
     """
 
     def __init__(self, upcast_softmax: bool = False):
@@ -72,7 +76,7 @@ class MVAttnProcessor:
             return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
 
         query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(context)), heads(attn.to_v(context))
-        if self.upcast_softmax:
+        if self.upcast_softmax and encoder_hidden_states is None:
             query, key, value = query.float(), key.float(), value.float()
         if attention_mask is not None:
             attention_mask = attention_mask.to(query.dtype)
@@ -84,8 +88,36 @@ class MVAttnProcessor:
         return out
 
 
+class Float32LayerNorm(nn.LayerNorm):
+    """A LayerNorm computed in float32 whatever its input's dtype; the output has the input's dtype.
+
+    Swapped in as the class of an existing ``nn.LayerNorm`` (:func:`set_float32_norms`) rather than
+    wrapped by forward hooks: a pre-hook could cast the input up, but the post-hook no longer sees
+    the input's dtype to cast the output back, and a subclass keeps the module's name and state
+    dict, so checkpoints and LoRA target names are unchanged.
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        normed = F.layer_norm(hidden_states.float(), self.normalized_shape, weight, bias, self.eps)
+        return normed.to(hidden_states.dtype)
+
+
+def set_float32_norms(transformer: PixArtTransformer2DModel, enabled: bool = True) -> PixArtTransformer2DModel:
+    """Run the LayerNorms Nabla-R2D3 upcasts (every block's ``norm2``, the model's ``norm_out``) in
+    float32 (``enabled``) or in the weights' dtype again; returns ``transformer``."""
+    norms = [block.norm2 for block in transformer.transformer_blocks] + [transformer.norm_out]
+    for norm in norms:
+        if type(norm) not in (nn.LayerNorm, Float32LayerNorm):
+            raise ValueError(f"set_float32_norms: expected LayerNorms, got {type(norm).__name__}")
+        norm.__class__ = Float32LayerNorm if enabled else nn.LayerNorm
+    return transformer
+
+
 def set_mv_attention(transformer: PixArtTransformer2DModel, upcast_softmax: bool = False) -> PixArtTransformer2DModel:
-    """Install :class:`MVAttnProcessor` on every attention module of ``transformer``'s blocks.
+    """Install :class:`MVAttnProcessor` on every attention module of ``transformer``'s blocks, and
+    with ``upcast_softmax`` the float32 LayerNorms of :func:`set_float32_norms` (module docstring).
 
     The processor implements exactly the attention PixArt uses; a module with extra features
     (group/spatial/QK norms, residual, output rescaling) is refused rather than silently mishandled.
@@ -109,4 +141,4 @@ def set_mv_attention(transformer: PixArtTransformer2DModel, upcast_softmax: bool
         if unsupported:
             raise ValueError(f"set_mv_attention: attention features {unsupported} are not supported by MVAttnProcessor")
         attn.set_processor(processor)
-    return transformer
+    return set_float32_norms(transformer, enabled=upcast_softmax)

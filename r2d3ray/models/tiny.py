@@ -64,6 +64,16 @@ TINY_SCHEDULER_CONFIG: dict = {
     "thresholding": True, "sample_max_value": 1.0,
 }
 GENERATOR_CONFIG_NAME = "generator_config.json"
+# What from_pretrained reads (the on-disk layout in the module docstring).
+CHECKPOINT_FILES = [
+    GENERATOR_CONFIG_NAME,
+    "transformer/config.json",
+    "transformer/diffusion_pytorch_model.safetensors",
+    "prompt_encoder/config.json",
+    "prompt_encoder/diffusion_pytorch_model.safetensors",
+    f"{SCHEDULER_DIR}/scheduler_config.json",
+]
+HOW_TO_GET = "Train the tiny prior with `r2d3ray pretrain` or save one with TinySplatGenerator.save_pretrained."
 
 # Flat knobs of the tiny prior; ``TinySplatGenerator.from_config`` accepts any subset.
 # Patch 4 on 32x32 views gives 64 tokens per view, 256 in the joint self-attention. This size
@@ -217,18 +227,7 @@ class TinySplatGenerator(SplatGenerator):
 
     @classmethod
     def from_pretrained(cls, pretrained_path: str | os.PathLike, torch_dtype: torch.dtype = torch.float32) -> "TinySplatGenerator":
-        root = require_files(
-            pretrained_path,
-            [
-                GENERATOR_CONFIG_NAME,
-                "transformer/config.json",
-                "transformer/diffusion_pytorch_model.safetensors",
-                "prompt_encoder/config.json",
-                "prompt_encoder/diffusion_pytorch_model.safetensors",
-                f"{SCHEDULER_DIR}/scheduler_config.json",
-            ],
-            how_to_get="Train the tiny prior with `r2d3ray pretrain` or save one with TinySplatGenerator.save_pretrained.",
-        )
+        root = require_files(pretrained_path, CHECKPOINT_FILES, how_to_get=HOW_TO_GET)
         config = json.loads((root / GENERATOR_CONFIG_NAME).read_text())
         transformer = PixArtTransformerMV2DModel.from_pretrained(root / "transformer", torch_dtype=torch_dtype)
         prompt_encoder = PromptTokenEncoder.from_pretrained(root / "prompt_encoder", torch_dtype=torch_dtype)

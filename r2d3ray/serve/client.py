@@ -74,12 +74,13 @@ class RewardResult:
         return torch.stack([out.finite for out in self.terms.values()]).all(0)
 
 
-def _decode(part: dict, grad_dtype: str) -> RewardOutput:
-    """One term's answer in the wire format of `RewardServer.score` -> a RewardOutput."""
-    grads = None if part["grads"] is None else decode_grad(part["grads"], grad_dtype)
-    return RewardOutput(torch.from_numpy(np.array(part["values"], dtype=np.float32)), grads,
-                        {k: decode_grad(a, grad_dtype) for k, a in part["extra_grads"].items()},
-                        finite=torch.from_numpy(np.array(part["finite"], dtype=bool)))
+def _decode(part: dict, grad_dtype: str, device: torch.device) -> RewardOutput:
+    """One term's answer in the wire format of `RewardServer.score` -> a RewardOutput on ``device``
+    (the images' device: the answers arrive as numpy arrays, on the CPU)."""
+    grads = None if part["grads"] is None else decode_grad(part["grads"], grad_dtype).to(device)
+    return RewardOutput(torch.from_numpy(np.array(part["values"], dtype=np.float32)).to(device), grads,
+                        {k: decode_grad(a, grad_dtype).to(device) for k, a in part["extra_grads"].items()},
+                        finite=torch.from_numpy(np.array(part["finite"], dtype=bool)).to(device))
 
 
 class PendingRewards:
@@ -88,8 +89,8 @@ class PendingRewards:
     attempts: {term name: number of times its request was sent} once `result()` returned.
     """
 
-    def __init__(self, client: ServedRewards, args: tuple, responses: dict):
-        self._client, self._args, self._responses = client, args, responses
+    def __init__(self, client: ServedRewards, args: tuple, responses: dict, device: torch.device):
+        self._client, self._args, self._responses, self._device = client, args, responses, device
         self.attempts = {name: 1 for name in responses}
 
     def result(self) -> RewardResult:
@@ -114,7 +115,8 @@ class PendingRewards:
                     if isinstance(err, ValueError):  # the request itself is bad: retrying cannot help
                         raise ValueError(f"reward {name!r}: {reason}") from None
                     raise RewardPlaneError(f"reward {name!r} of app {client.app_name!r} failed: {reason}") from err
-        return RewardResult({name: _decode(part, self._args[-1]) for name, part in parts.items()}, client.weights)
+        return RewardResult({name: _decode(part, self._args[-1], self._device) for name, part in parts.items()},
+                            client.weights)
 
 
 class ServedRewards:
@@ -146,14 +148,15 @@ class ServedRewards:
 
     def submit(self, images: torch.Tensor, prompts: list[str], extras: dict[str, torch.Tensor] | None = None,
                with_grad: bool = True) -> PendingRewards:
-        """images (B, V, 3, H, W) in [0, 1]; put once in the object store and sent to every term."""
+        """images (B, V, 3, H, W) in [0, 1]; put once in the object store and sent to every term. The
+        answers come back on the images' device."""
         import ray
 
         images_ref = ray.put(images.detach().float().cpu().contiguous().numpy())
         extras = {k: v.detach().float().cpu().contiguous().numpy() for k, v in (extras or {}).items()}
         extras_ref = ray.put(extras) if extras else {}  # nothing to share: no object-store round trip
         args = (images_ref, list(prompts), extras_ref, with_grad, self.grad_dtype)
-        return PendingRewards(self, args, {n: h.score.remote(*args) for n, h in self.handles.items()})
+        return PendingRewards(self, args, {n: h.score.remote(*args) for n, h in self.handles.items()}, images.device)
 
 
 class _Done:

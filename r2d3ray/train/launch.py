@@ -10,13 +10,16 @@ run by `RunConfig(name, storage_path)`), and the MLflow run continues.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from r2d3ray.config import R2D3Config, RewardAppConfig, load_reward_app_config
+from r2d3ray.config import ConfigError, R2D3Config, RewardAppConfig, load_reward_app_config
 from r2d3ray.tracking import resolve_tracking_uri
+
+NUM_MISSING_PROMPTS_SHOWN = 3
 
 
 class LaunchError(RuntimeError):
@@ -30,6 +33,7 @@ class Plan:
     storage_path: Path
     cpus_needed: float
     gpus_needed: float
+    num_prompts: int
 
     def describe(self) -> str:
         t, s = self.cfg.training, self.cfg.sampling
@@ -42,6 +46,7 @@ class Plan:
             f"{s.num_steps} sampling steps",
             f"  rewards: {terms} from Serve app {self.app.app_name!r} "
             f"({len(self.app.deployments)} deployments: {', '.join(d.name for d in self.app.deployments)})",
+            f"  prompts: {self.num_prompts} ({self.cfg.prompts.file or 'the tiny world train split'})",
             f"  resources: {self.cpus_needed:g} CPUs, {self.gpus_needed:g} GPUs",
             f"  checkpoints: {self.storage_path / self.cfg.name}",
             f"  MLflow: {resolve_tracking_uri(self.cfg.tracking.tracking_uri, self.cfg.output_dir)}",
@@ -68,25 +73,99 @@ def with_absolute_paths(cfg: R2D3Config) -> R2D3Config:
     })
 
 
-def make_plan(cfg: R2D3Config) -> Plan:
-    """Check everything that can be checked without a cluster: files, reward names, resources."""
-    from r2d3ray.models.loading import TINY_PRIOR_DIR
+def make_plan(cfg: R2D3Config, config_file: str | Path | None = None) -> Plan:
+    """Check everything a run needs that can be checked without a cluster, before any worker starts:
+    the reward app, the model's files, the prompts (and, for DiffSplat, their cached embeddings) and
+    the storage. ``config_file`` (the run config) goes into the command a missing prompt needs."""
+    app = _check_reward_app(cfg)
+    model_dir = _check_model_files(cfg)
+    num_prompts = _check_prompts(cfg, model_dir, config_file)
+    storage_path = Path(cfg.output_dir).resolve() / "ray_results"
+    _check_writable(storage_path)
+    t = cfg.training
+    cpus = t.num_workers * t.cpus_per_worker + sum(d.num_cpus * d.num_replicas for d in app.deployments)
+    gpus = t.num_workers * int(t.use_gpu) + sum(d.num_gpus * d.num_replicas for d in app.deployments)
+    return Plan(cfg, app, storage_path, cpus, gpus, num_prompts)
 
-    app = load_reward_app_config(cfg.rewards.app_config)
+
+def _check_reward_app(cfg: R2D3Config) -> RewardAppConfig:
+    """The reward app config, which must serve every term under the name the workers attach to."""
+    try:
+        app = load_reward_app_config(cfg.rewards.app_config)
+    except ConfigError as err:
+        raise LaunchError(f"rewards.app_config: {err}") from None
     served = {d.name for d in app.deployments}
     missing = [t.name for t in cfg.rewards.terms if t.name not in served]
     if missing:
         raise LaunchError(f"rewards.terms name {missing}, which the reward app {cfg.rewards.app_config} does not "
                           f"serve (it serves: {', '.join(sorted(served))}); fix one of the two files")
-    model_dir = Path(cfg.model.path) if cfg.model.path else TINY_PRIOR_DIR
+    if cfg.rewards.app_name != app.app_name:
+        # The driver deploys the app under the app config's name; the workers attach to rewards.app_name.
+        raise LaunchError(f"rewards.app_name is {cfg.rewards.app_name!r} but the reward app config "
+                          f"{cfg.rewards.app_config} deploys app_name {app.app_name!r}; make the two names equal")
+    return app
+
+
+def _check_model_files(cfg: R2D3Config) -> Path:
+    """The model directory, which must hold every file the generator's loader reads."""
+    from r2d3ray.models.loading import missing_model_files, model_directory
+
+    if cfg.model.kind != "tiny" and not cfg.model.path:
+        raise LaunchError(f"model.path is empty; a {cfg.model.kind} run needs its model directory "
+                          "(written by `r2d3ray prepare-diffsplat`)")
+    model_dir = model_directory(cfg)
     if not model_dir.is_dir():
         raise LaunchError(f"model.path {str(model_dir)!r} is not a directory; "
                           + ("train the tiny prior with `r2d3ray pretrain`" if cfg.model.kind == "tiny"
-                             else "point model.path at a local DiffSplat checkpoint directory"))
-    t = cfg.training
-    cpus = t.num_workers * t.cpus_per_worker + sum(d.num_cpus * d.num_replicas for d in app.deployments)
-    gpus = t.num_workers * int(t.use_gpu) + sum(d.num_gpus * d.num_replicas for d in app.deployments)
-    return Plan(cfg, app, Path(cfg.output_dir).resolve() / "ray_results", cpus, gpus)
+                             else "point model.path at the directory `r2d3ray prepare-diffsplat` writes"))
+    missing = missing_model_files(cfg)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LaunchError(f"model.path {str(model_dir)!r} is incomplete: {missing[0]} is missing{more}")
+    return model_dir
+
+
+def _check_prompts(cfg: R2D3Config, model_dir: Path, config_file: str | Path | None) -> int:
+    """The number of training prompts; DiffSplat must have every prompt the run encodes (the
+    training prompts, the evaluation prompts and CFG's "") in its prompt cache."""
+    from r2d3ray.eval.prompts import training_prompts
+
+    try:
+        prompts = training_prompts(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        raise LaunchError(f"prompts: {err}") from None
+    if cfg.model.kind == "diffsplat":
+        from r2d3ray.models.diffsplat import PROMPT_CACHE_DIR, PromptCache
+
+        try:
+            cache = PromptCache(model_dir / PROMPT_CACHE_DIR)
+        except (FileNotFoundError, ValueError) as err:
+            raise LaunchError(f"prompt cache: {err}") from None
+        needed = list(dict.fromkeys(["", *prompts, *cfg.tracking.eval_prompts]))
+        missing = [prompt for prompt in needed if prompt not in cache]
+        if missing:
+            shown = ", ".join(repr(p) for p in missing[:NUM_MISSING_PROMPTS_SHOWN])
+            more = ", ..." if len(missing) > NUM_MISSING_PROMPTS_SHOWN else ""
+            raise LaunchError(
+                f"{len(missing)} of the {len(needed)} prompts the run encodes (prompts.file, tracking.eval_prompts "
+                f"and '') are not in the prompt cache {cache.directory}: {shown}{more}; encode them with "
+                f"`r2d3ray prepare-diffsplat --config {config_file or '<the run config>'} ...`"
+            )
+    return len(prompts)
+
+
+def _check_writable(storage_path: Path) -> None:
+    """Create (and remove) a file where the run's checkpoints go, or in the nearest existing folder
+    above it: the run creates the folders it lacks."""
+    existing = storage_path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".r2d3ray-write-check-"):
+            pass
+    except OSError as err:
+        raise LaunchError(f"storage: cannot write checkpoints under {storage_path} ({err.strerror} in {existing}); "
+                          "set output_dir to a writable directory") from None
 
 
 def connect_ray(plan: Plan, address: str | None) -> None:
@@ -105,23 +184,64 @@ def connect_ray(plan: Plan, address: str | None) -> None:
              num_gpus=torch.cuda.device_count(), include_dashboard=False, runtime_env=env or None)
 
 
-def check_resources(plan: Plan) -> None:
+@dataclass
+class ClusterCapacity:
+    """Resources the cluster has now, the most its autoscaler can reach (None: not known), and
+    whether it can add nodes at all."""
+
+    now: dict[str, float]
+    most: dict[str, float] | None
+    autoscales: bool
+
+
+def cluster_capacity() -> ClusterCapacity:
+    """The connected cluster's capacity. Ray publishes the autoscaler's node groups in the GCS
+    (``ClusterConfig``; Ray Train and Ray Data read it the same way); a cluster without an
+    autoscaler has none."""
     import ray
+    from ray._private.state import state
 
-    have = ray.cluster_resources()
-    if have.get("CPU", 0) < plan.cpus_needed or have.get("GPU", 0) < plan.gpus_needed:
-        raise LaunchError(
-            f"the cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; the run needs "
-            f"{plan.cpus_needed:g} CPUs and {plan.gpus_needed:g} GPUs (training.num_workers, cpus_per_worker, "
-            f"use_gpu and the reward deployments' num_cpus/num_gpus): lower them or add nodes"
-        )
+    return ClusterCapacity(ray.cluster_resources(), state.get_max_resources_from_cluster_config(),
+                           can_add_nodes(state.get_cluster_config()))
 
 
-def launch(cfg: R2D3Config, address: str | None = None, dry_run: bool = False, served_rewards: bool = True):
+def can_add_nodes(cluster_config) -> bool:
+    """Whether an autoscaler ``ClusterConfig`` (None: no autoscaler) has a node group that can grow:
+    max_count -1 (unbounded) or above its min_count."""
+    return cluster_config is not None and any(
+        group.max_count == -1 or group.max_count > group.min_count
+        for group in cluster_config.node_group_configs if group.resources and group.max_count != 0
+    )
+
+
+def check_resources(plan: Plan, capacity: ClusterCapacity) -> str | None:
+    """Refuse a run the cluster cannot hold; for one an autoscaling cluster can grow into, return
+    a warning instead (Ray Train waits for the nodes)."""
+    needed = {"CPU": plan.cpus_needed, "GPU": plan.gpus_needed}
+    if all(capacity.now.get(kind, 0) >= amount for kind, amount in needed.items()):
+        return None
+    situation = (f"the cluster has {capacity.now.get('CPU', 0):g} CPUs and {capacity.now.get('GPU', 0):g} GPUs; "
+                 f"the run needs {plan.cpus_needed:g} CPUs and {plan.gpus_needed:g} GPUs (training.num_workers, "
+                 "cpus_per_worker, use_gpu and the reward deployments' num_cpus/num_gpus)")
+    if capacity.autoscales:
+        beyond = [kind for kind, amount in needed.items()
+                  if capacity.most is not None and capacity.most.get(kind, 0) < amount]
+        if not beyond:
+            return f"{situation}; the autoscaler has to add nodes before the run starts"
+        raise LaunchError(f"{situation}, and its autoscaler can reach at most "
+                          f"{', '.join(f'{capacity.most.get(k, 0):g} {k}s' for k in beyond)}: lower them or raise "
+                          "the node groups' max_workers")
+    raise LaunchError(f"{situation}: lower them or add nodes")
+
+
+def launch(cfg: R2D3Config, address: str | None = None, dry_run: bool = False, served_rewards: bool = True,
+           config_file: str | Path | None = None):
     """Run training to the end (or resume it); returns Ray Train's Result.
 
-    served_rewards=False scores the same rewards inside each worker instead of on the Serve
-    plane (the baseline `r2d3ray bench pipeline` compares against)."""
+    Both a dry run and a real one check the plan (`make_plan`, `check_resources`) before any worker
+    starts. served_rewards=False scores the same rewards inside each worker instead of on the Serve
+    plane (the baseline `r2d3ray bench pipeline` compares against). ``config_file`` is the run
+    config's path, for the commands error messages suggest."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -129,9 +249,11 @@ def launch(cfg: R2D3Config, address: str | None = None, dry_run: bool = False, s
     from r2d3ray.train.loop import train_loop_per_worker
 
     cfg = with_absolute_paths(cfg)
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, config_file)
     connect_ray(plan, address)
-    check_resources(plan)
+    warning = check_resources(plan, cluster_capacity())
+    if warning:
+        print(f"WARNING: {warning}", flush=True)
     running = app_status(plan.app.app_name) == "RUNNING"
     if dry_run:
         print(plan.describe())
