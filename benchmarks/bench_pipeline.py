@@ -88,8 +88,8 @@ def run_once(served: bool, workdir: Path, overrides: list[str]) -> dict:
     client = mlflow.MlflowClient()
 
     def mean_after_first_epoch(key: str) -> float | None:
-        # Per-epoch metrics are logged at step = epoch; epoch 0 (warm-up: first Serve calls, DeepSpeed
-        # set-up) is left out when there are more.
+        # Per-epoch metrics are logged once per epoch (step = trained epochs done); the first epoch
+        # (warm-up: first Serve calls, DeepSpeed set-up) is left out when there are more.
         values = [m.value for m in client.get_metric_history(run.info.run_id, key)]
         values = values[1:] if len(values) > 1 else values
         return sum(values) / len(values) if values else None

@@ -7,8 +7,8 @@ import torch
 
 from r2d3ray.algorithms.nabla import (FlowTerms, NablaConfig, NablaR2D3, forward_looking_reward_grad,
                                       reverse_score, transition_scores)
-from r2d3ray.algorithms.nft import (DiffusionNFT, NFTConfig, old_policy_decay, optimality_probability,
-                                    soft_update_)
+from r2d3ray.algorithms.nft import (DiffusionNFT, NFTConfig, ema_decay_at, old_policy_decay,
+                                    optimality_probability, soft_update_)
 from r2d3ray.algorithms.reward_backprop import RewardBackprop, RewardBackpropConfig
 from r2d3ray.algorithms.subsampling import num_train_steps, random_steps, stratified_steps
 from r2d3ray.models.schedulers import SDEDPMSolver
@@ -256,6 +256,23 @@ def test_nft_loss_hand_computed():
     assert loss.item() == pytest.approx(3.0625)
 
 
+def test_nft_sample_weight_zero_leaves_a_sample_out_of_the_batch_mean():
+    # The hand-computed sample above beside a second one weighted 0: half the loss, no gradient to it.
+    algo = DiffusionNFT(NFTConfig(nft_mix_beta=1.0, kl_coef=0.1, adv_clip_max=5.0))
+    inputs = _nft_inputs()
+    eps_policy = torch.tensor([[0.5, 1.0], [-2.0, 3.0]], requires_grad=True)
+    loss, terms = algo.loss(eps_policy, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
+                            torch.cat([inputs["noisy"]] * 2), torch.cat([inputs["clean"]] * 2),
+                            torch.cat([inputs["alpha_bar"]] * 2), r=torch.tensor([0.75, 0.1]),
+                            sample_weight=torch.tensor([1.0, 0.0]))
+    assert loss.item() == pytest.approx(3.0625 / 2)
+    loss.backward()
+    assert eps_policy.grad[1].abs().sum() == 0 and eps_policy.grad[0].abs().sum() > 0
+    with pytest.raises(ValueError, match="sample_weight"):
+        algo.loss(eps_policy, eps_policy.detach(), eps_policy.detach(), torch.zeros(2, 2), torch.zeros(2, 2),
+                  torch.ones(2), torch.ones(2), sample_weight=torch.ones(3))
+
+
 def test_nft_eps_mix_equals_x0_mix():
     # The module's claim: mixing ε's is mixing x̂0's, for any β_mix.
     g = torch.Generator().manual_seed(0)
@@ -315,6 +332,12 @@ def test_old_policy_decay_schedules():
         old_policy_decay(3, 7)
     with pytest.raises(ValueError, match="decay_type"):
         NFTConfig(decay_type=5)
+
+
+def test_ema_decay_warms_up_to_its_cap():
+    # flow_grpo's EMAModuleWrapper: min((1 + step)/(10 + step), decay), step = optimizer steps done.
+    assert [ema_decay_at(s, 0.9) for s in (0, 1, 8, 80, 10_000)] == pytest.approx([0.1, 2 / 11, 0.5, 0.9, 0.9])
+    assert [ema_decay_at(s, 0.99) for s in (50, 10_000)] == pytest.approx([51 / 60, 0.99])
 
 
 def test_soft_update_blends_old_towards_policy():

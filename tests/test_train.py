@@ -55,7 +55,9 @@ def make_cfg(workspace, name: str, algorithm: str, *extra: str):
         f"rewards.app_name={APP}", f"rewards.app_config={root / 'rewards.yaml'}",
         "sampling.num_steps=4", "sampling.batch_size=2", "sampling.num_batches_per_epoch=1",
         "render.size=16", "training.epochs=2", f"algorithm.name={algorithm}",
-        "algorithm.nft.group_size=2", "algorithm.nabla.trajectories=fresh", *extra,
+        "algorithm.nft.group_size=2", "algorithm.nabla.trajectories=fresh",
+        # 2 trajectories per optimizer step in micro-batches of 1: DeepSpeed accumulates across micro-batches.
+        "training.gradient_accumulation_steps=2", "training.micro_batch_size=1", *extra,
     ])
 
 
@@ -65,25 +67,36 @@ def mlflow_runs(cfg) -> list:
     return mlflow.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{cfg.name}'", output_format="list")
 
 
-def epoch_history(cfg) -> list[int]:
+def epoch_history(cfg, metric: str = "epoch") -> list[int]:
+    """The MLflow steps (trained epochs done) at which ``metric`` was logged."""
     (run,) = mlflow_runs(cfg)
-    return sorted(int(m.step) for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "epoch"))
+    return sorted(int(m.step) for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, metric))
+
+
+def checkpoint_state(result) -> dict:
+    return json.loads((Path(result.checkpoint.path) / "state.json").read_text())
 
 
 @pytest.mark.parametrize("algorithm", ["nabla", "nft", "reward_backprop"])
 def test_each_algorithm_trains_and_checkpoints(workspace, algorithm):
+    # NFT with its evaluation EMA and advantages over both workers' rewards (gathered by torch.distributed).
     cfg = make_cfg(workspace, f"run-{algorithm}", algorithm,
-                   "rewards.terms=[{name: color_match, weight: 1.0}, {name: dnc, weight: 0.1}]")
+                   "rewards.terms=[{name: color_match, weight: 1.0}, {name: dnc, weight: 0.1}]",
+                   "algorithm.nft.ema_decay=0.9", "algorithm.nft.reward_stats=all_workers")
     result = launch(cfg)
     ckpt = Path(result.checkpoint.path)
-    assert (ckpt / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    assert (ckpt / "lora_old").is_dir() == (algorithm == "nft")
+    assert (ckpt / "lora" / "pytorch_lora_weights.safetensors").is_file()  # NFT: the EMA, beside its policy
+    assert (ckpt / "lora_old").is_dir() == (ckpt / "lora_policy").is_dir() == (algorithm == "nft")
     state = json.loads((ckpt / "state.json").read_text())
     assert state["epoch"] == 2
-    assert epoch_history(cfg) == [0, 1]
+    # DeepSpeed stepped once per gradient_accumulation_steps trajectories, micro-batches accumulated.
+    assert cfg.optimizer_steps_per_epoch() == 1 and state["global_step"] == 2 * cfg.optimizer_steps_per_epoch()
+    assert epoch_history(cfg) == [1, 2]  # MLflow step = trained epochs done
     (run,) = mlflow_runs(cfg)
     metrics = run.data.metrics
     assert "reward/mean" in metrics and "time/sample" in metrics and "loss" in metrics
+    if algorithm == "nft":
+        assert "ema_decay" in metrics and any(k.startswith("grad_norm_eps/step_") for k in metrics)
     assert run.data.params["algorithm.name"] == algorithm
     # pictures of the evaluation prompts at step 0 (base beside policy) and after each epoch; artifacts
     artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
@@ -95,16 +108,25 @@ def test_each_algorithm_trains_and_checkpoints(workspace, algorithm):
     assert yaml.safe_load((artifacts / "config.yaml").read_text())["algorithm"]["name"] == algorithm
 
 
-def test_rerun_with_same_name_resumes_the_same_mlflow_run(workspace):
-    cfg = make_cfg(workspace, "resume-me", "nabla")
-    launch(cfg)
+def test_stale_trajectories_sample_one_epoch_first_and_a_rerun_resumes_the_same_mlflow_run(workspace):
+    # 2 sampling batches of 2: 4 trajectories per epoch, 2 optimizer steps of 2 micro-batches each.
+    stale = ["algorithm.nabla.trajectories=stale", "sampling.num_batches_per_epoch=2"]
+    cfg = make_cfg(workspace, "resume-me", "nabla", *stale, "training.epochs=1")
+    state = checkpoint_state(launch(cfg))
+    assert cfg.optimizer_steps_per_epoch() == 2
+    assert (state["epoch"], state["global_step"]) == (1, cfg.optimizer_steps_per_epoch())
+    # Two sampling rounds (the sampling-only epoch's rewards at step 0, before training), one trained epoch.
+    assert epoch_history(cfg, "reward/mean") == [0, 1] and epoch_history(cfg, "loss") == [1]
     (first,) = mlflow_runs(cfg)
-    longer = make_cfg(workspace, "resume-me", "nabla", "training.epochs=3")
-    result = launch(longer)
+
+    longer = make_cfg(workspace, "resume-me", "nabla", *stale, "training.epochs=2")
+    state = checkpoint_state(launch(longer))
     (again,) = mlflow_runs(longer)
     assert again.info.run_id == first.info.run_id
-    assert epoch_history(longer) == [0, 1, 2]  # epochs 0-1 were not redone
-    assert json.loads((Path(result.checkpoint.path) / "state.json").read_text())["epoch"] == 3
+    # Trains epoch 2 on the checkpoint's trajectories: no second sampling-only epoch, nothing redone or skipped.
+    assert epoch_history(longer) == epoch_history(longer, "reward/mean") == [0, 1, 2]
+    assert epoch_history(longer, "loss") == [1, 2]
+    assert (state["epoch"], state["global_step"]) == (2, 2 * cfg.optimizer_steps_per_epoch())
 
 
 def _kill_when(predicate, kill, timeout=240.0) -> threading.Thread:
@@ -156,8 +178,8 @@ def test_killed_worker_restarts_from_checkpoint_with_one_mlflow_run(workspace):
     result = launch(cfg)
     watcher.join(timeout=1)
     assert killed, "the test never found a worker to kill"
-    assert json.loads((Path(result.checkpoint.path) / "state.json").read_text())["epoch"] == 4
-    assert epoch_history(cfg) == [0, 1, 2, 3]  # one MLflow run, no epoch logged twice
+    assert checkpoint_state(result)["epoch"] == 4
+    assert epoch_history(cfg) == [1, 2, 3, 4]  # one MLflow run, no epoch logged twice
 
 
 def test_reward_replica_killed_mid_training_does_not_stop_training(workspace):
@@ -178,7 +200,7 @@ def test_reward_replica_killed_mid_training_does_not_stop_training(workspace):
     result = launch(cfg)
     watcher.join(timeout=1)
     assert killed
-    assert json.loads((Path(result.checkpoint.path) / "state.json").read_text())["epoch"] == 3
+    assert checkpoint_state(result)["epoch"] == 3
 
 
 def test_dry_run_trains_nothing_and_bad_reward_name_is_named(workspace, capsys):

@@ -6,14 +6,14 @@ arrive as tensors."""
 from r2d3ray.algorithms.nabla import (FlowTerms, NablaConfig, NablaR2D3, TransitionScores,
                                       forward_looking_reward_grad, pull_back, render_at_x0, reverse_score,
                                       transition_scores)
-from r2d3ray.algorithms.nft import (DiffusionNFT, NFTConfig, old_policy_decay, optimality_probability,
-                                    soft_update_)
+from r2d3ray.algorithms.nft import (DiffusionNFT, NFTConfig, ema_decay_at, old_policy_decay,
+                                    optimality_probability, soft_update_)
 from r2d3ray.algorithms.reward_backprop import RewardBackprop, RewardBackpropConfig
 from r2d3ray.algorithms.subsampling import num_train_steps, random_steps, stratified_steps
 
 __all__ = [
     "DiffusionNFT", "FlowTerms", "NFTConfig", "NablaConfig", "NablaR2D3", "RewardBackprop",
-    "RewardBackpropConfig", "TransitionScores", "forward_looking_reward_grad", "num_train_steps",
+    "RewardBackpropConfig", "TransitionScores", "ema_decay_at", "forward_looking_reward_grad", "num_train_steps",
     "old_policy_decay", "optimality_probability", "pull_back", "random_steps", "render_at_x0", "reverse_score",
     "soft_update_",
     "stratified_steps", "transition_scores",

@@ -45,8 +45,9 @@ Departures from the reference, on purpose:
   loss is the mean over samples of each sample's loss, so a batch of B equals the mean of B size-1
   batches (R2D3 supports batch 1 only, §7.1).
 - Stratified transition picking works for any number of steps (see ``subsampling.stratified_steps``).
-- The FL x̂0 uses the timestep the network saw; R2D3 reads ᾱ one solver step later (§1.1 item 3,
-  reproducible with ``predict_x0(..., timestep_shift=sampler.dt)`` in ``x0_fn``).
+- The FL x̂0 uses, by default, the ᾱ of the timestep the network saw; R2D3 reads ᾱ one solver step
+  later (§1.1 item 3), which ``x0_alpha_one_step_ahead`` reproduces in the trainer
+  (``predict_x0(..., timestep_shift=sampler.dt)`` in ``x0_fn``; on in the DiffSplat configs).
 - The terminal loss is averaged over the batch (zero for non-final samples), not over the final
   samples only; the two agree whenever a batch column is all-final or all-not, which the stratified
   pick guarantees (the final step is every sample's column 0).

@@ -40,7 +40,10 @@ prompt key (groups of G samples per prompt) and the sampler's timesteps. One tra
         t = timesteps[steps[:, k]]; x_t = sampler.add_noise(x0, noise, t)       # fresh noise
         eps_old = old_policy(x_t, t) [no grad]; eps_ref = base(x_t, t) [no grad]; eps_pol = policy(x_t, t)
         loss, terms = algo.loss(eps_pol, eps_old, eps_ref, x_t, x0, sampler.alphas_cumprod_at(t), r)
+    after each optimizer step (ema_decay > 0): soft_update_(ema_params, params, ema_decay_at(global_step, cfg.ema_decay))
     after each epoch: soft_update_(old_params, params, old_policy_decay(global_step, cfg.decay_type))
+
+θ_old and the evaluation EMA start as exact copies of θ (the reference copies its "default" adapter into "old").
 
 CFG-free: sampling and all three ε calls use the conditional input only (the reference samples and
 trains at guidance 1.0; its CFG branch is dead code, §1.8).
@@ -83,6 +86,12 @@ def optimality_probability(rewards: torch.Tensor, prompt_ids: Sequence[Hashable]
     advantages = (rewards - (group_sum / group_count)[groups]) / (rewards.std(unbiased=False) + STD_EPS)
     r = 0.5 + 0.5 * (advantages / adv_clip_max).clamp(-1.0, 1.0)
     return r.float(), advantages.float()
+
+
+def ema_decay_at(step: int, max_decay: float) -> float:
+    """The evaluation EMA's decay after optimizer step ``step`` (1 for the first): flow_grpo's
+    EMAModuleWrapper warm-up min((1 + step)/(10 + step), max_decay), so early EMAs follow θ closely."""
+    return min((1 + step) / (10 + step), max_decay)
 
 
 def old_policy_decay(step: int, decay_type: int) -> float:
@@ -134,14 +143,16 @@ class DiffusionNFT:
         return random_steps(batch_size, num_steps, n, include_final=False, generator=generator)
 
     def loss(self, eps_policy: torch.Tensor, eps_old: torch.Tensor, eps_ref: torch.Tensor | None,
-             noisy: torch.Tensor, clean: torch.Tensor, alpha_bar: torch.Tensor,
-             r: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             noisy: torch.Tensor, clean: torch.Tensor, alpha_bar: torch.Tensor, r: torch.Tensor,
+             sample_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one batch of re-noised samples, and its named terms (detached scalars).
 
         eps_policy: (B, ...) ε_θ(x_t), graph to θ.   eps_old: (B, ...) ε_old(x_t) (treated as constant).
         eps_ref: (B, ...) ε of the frozen base (adapters off), or None when ``kl_coef == 0``.
         noisy: (B, ...) x_t = √ᾱ·clean + √(1−ᾱ)·noise.   clean: (B, ...) x0.
         alpha_bar: (B,) ᾱ at each sample's timestep.   r: (B,) optimality probability in [0, 1].
+        sample_weight: (B,) each sample's weight in the batch mean (0 leaves a sample out, e.g. one whose
+            reward is not finite, while the mean still divides by B); None = all 1.
         """
         cfg = self.config
         shapes = {name: tuple(t.shape) for name, t in
@@ -155,9 +166,11 @@ class DiffusionNFT:
         bshape = (batch,) + (1,) * (eps_policy.ndim - 1)
         alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float32, device=noisy.device).reshape(-1)
         r = torch.as_tensor(r, dtype=torch.float32, device=noisy.device).reshape(-1)
-        if alpha_bar.shape[0] != batch or r.shape[0] != batch:
-            raise ValueError(f"alpha_bar ({alpha_bar.shape[0]} values) and r ({r.shape[0]} values) need one "
-                             f"value per sample ({batch})")
+        weight = (torch.ones(batch, device=noisy.device) if sample_weight is None else
+                  torch.as_tensor(sample_weight, dtype=torch.float32, device=noisy.device).reshape(-1))
+        if alpha_bar.shape[0] != batch or r.shape[0] != batch or weight.shape[0] != batch:
+            raise ValueError(f"alpha_bar ({alpha_bar.shape[0]} values), r ({r.shape[0]} values) and sample_weight "
+                             f"({weight.shape[0]} values) need one value per sample ({batch})")
         sqrt_ab, sqrt_1m_ab = alpha_bar.sqrt().reshape(bshape), (1 - alpha_bar).sqrt().reshape(bshape)
 
         beta = cfg.nft_mix_beta
@@ -167,14 +180,14 @@ class DiffusionNFT:
         x_t, x0 = noisy.float(), clean.float()
         positive = _adaptive_x0_loss((x_t - sqrt_1m_ab * eps_pos) / sqrt_ab, x0)  # (B,)
         negative = _adaptive_x0_loss((x_t - sqrt_1m_ab * eps_neg) / sqrt_ab, x0)  # (B,)
-        policy_loss = ((r * positive + (1.0 - r) * negative) / beta * cfg.adv_clip_max).mean()
+        policy_loss = (weight * (r * positive + (1.0 - r) * negative) / beta * cfg.adv_clip_max).mean()
 
         loss = policy_loss
         terms = {"policy_loss": policy_loss.detach(), "positive_loss": positive.mean().detach(),
                  "negative_loss": negative.mean().detach(),
                  "old_deviation": (eps_policy.detach() - eps_old).flatten(1).pow(2).mean(1).mean()}
         if eps_ref is not None:
-            kl = (eps_policy - eps_ref.detach().float()).flatten(1).pow(2).mean(dim=1).mean()
+            kl = (weight * (eps_policy - eps_ref.detach().float()).flatten(1).pow(2).mean(dim=1)).mean()
             loss = loss + cfg.kl_coef * kl
             terms["kl_loss"] = kl.detach()
         terms["loss"] = loss.detach()

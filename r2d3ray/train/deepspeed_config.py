@@ -11,17 +11,18 @@ from __future__ import annotations
 from r2d3ray.config import TrainingConfig
 
 
-def build_deepspeed_config(training: TrainingConfig, micro_batch_size: int, micro_steps_per_update: int) -> dict:
-    """`micro_steps_per_update`: engine.backward calls per optimizer step (the algorithm's
-    transitions per sample times `gradient_accumulation_steps`); DeepSpeed divides each loss by it,
-    as the reference divides by grad_accum x num_train_timesteps."""
+def build_deepspeed_config(training: TrainingConfig, micro_steps_per_update: int) -> dict:
+    """`micro_steps_per_update`: engine.backward calls per optimizer step, i.e. the micro-batches of
+    `micro_batch_size` trajectories in `gradient_accumulation_steps` trajectories, times the
+    algorithm's transitions per trajectory. DeepSpeed divides each micro-batch's (per-sample mean)
+    loss by it, as the reference (micro-batches of 1) divides by grad_accum x num_train_timesteps."""
     zero: dict = {"stage": training.zero_stage}
     if training.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": training.use_gpu}
     if training.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": training.use_gpu}
     return {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "train_micro_batch_size_per_gpu": training.micro_batch_size,
         "gradient_accumulation_steps": micro_steps_per_update,
         "gradient_clipping": training.max_grad_norm,
         "zero_optimization": zero,

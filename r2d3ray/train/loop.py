@@ -17,12 +17,13 @@ def train_loop_per_worker(config: dict) -> None:
     Updates = UPDATES[cfg.algorithm.name]
     run = TrainingRun.start(cfg, Updates.micro_steps_per_update, served=config.get("served_rewards", True))
     algorithm = Updates(run)
-    for epoch in run.remaining_epochs():
+    # training.epochs trained epochs; with stale trajectories a sampling-only epoch −1 comes first.
+    for epoch in run.remaining_epochs(sampling_only_first=algorithm.trains_on_previous_samples):
         with run.timer("sample"):
             data = algorithm.collect()                     # 1 sample with the current (NFT: old) policy
         samples = 0
-        if data is not None:                               #   (Nabla's first epoch only samples)
-            for batch in algorithm.batches(data):          # 2 transitions / re-noised samples
+        if data is not None:                               #   (None in the sampling-only epoch)
+            for batch in algorithm.batches(data):          # 2 micro-batches of transitions / re-noised samples
                 with run.timer("train"):
                     algorithm.update(batch)                #   loss -> engine.backward -> engine.step
                 samples += len(batch["prompts"]) if isinstance(batch, dict) else len(batch)

@@ -14,7 +14,7 @@ import os
 import random
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,13 @@ import yaml
 from r2d3ray.config import R2D3Config, load_reward_app_config
 from r2d3ray.eval.prompts import training_prompts
 from r2d3ray.infer import write_outputs
-from r2d3ray.models.loading import load_generator
+from r2d3ray.models.loading import check_on_device, load_generator
 from r2d3ray.models.lora import adapters_disabled, add_lora_adapter, load_lora, save_lora, use_adapter
 from r2d3ray.models.pipeline import Rollout, SplatPipeline, render_views
 from r2d3ray.render.cameras import default_rig, jittered_rig
 from r2d3ray.render.pictures import grid_image
 from r2d3ray.tracking import Tracker, git_commit, resolve_tracking_uri
+from r2d3ray.train.updates import blend_adapter_
 
 EVAL_SEED = 0  # the evaluation pictures' noise: the same at every step, so they compare
 NUM_DEFAULT_EVAL_PROMPTS = 4  # without tracking.eval_prompts, the first training prompts
@@ -60,6 +61,7 @@ class TrainingRun:
     def start(cls, cfg: R2D3Config, micro_steps_per_update, served: bool = True) -> TrainingRun:
         """Set up this worker; `micro_steps_per_update(run)` gives DeepSpeed's accumulation count."""
         import ray.train
+        import ray.train.torch
 
         ctx = ray.train.get_context()
         run = cls(cfg, ctx.get_world_rank(), ctx.get_world_size())
@@ -67,13 +69,13 @@ class TrainingRun:
         np.random.seed(cfg.training.seed + run.rank)
         torch.manual_seed(cfg.training.seed + run.rank)
 
-        generator = load_generator(cfg)
-        for adapter in ("old", "policy") if cfg.algorithm.name == "nft" else ("policy",):
-            add_lora_adapter(generator.denoiser, adapter, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                             init=cfg.lora.init, target_modules=cfg.lora.target_modules)
-        use_adapter(generator.denoiser, "policy")
+        # Every tensor of the run lives on the device Ray Train gives this worker.
+        device = ray.train.torch.get_device()
+        generator = load_generator(cfg, device)
+        add_adapters(generator.denoiser, cfg)
+        check_on_device(generator, device)
         run.prompt_pool = training_prompts(cfg)
-        run.pipeline = SplatPipeline(generator, cfg.sampling.num_steps, cfg.sampling.eta, cfg.sampling.guidance_scale)
+        run.pipeline = SplatPipeline(generator, cfg.sampling.num_steps, cfg.sampling.eta, cfg.sampling.guidance_scale, cfg.render.gaussian_convention)
         run.needs = reward_needs(cfg)
         run.rewards = run._connect_rewards(served)
         run.engine = run._deepspeed_engine(micro_steps_per_update(run))
@@ -119,15 +121,20 @@ class TrainingRun:
         denoiser = self.pipeline.generator.denoiser
         params = [p for p in denoiser.parameters() if p.requires_grad]  # the policy adapter only
         optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
-        ds_config = build_deepspeed_config(t, self.cfg.sampling.batch_size, micro_steps_per_update)
+        ds_config = build_deepspeed_config(t, micro_steps_per_update)
         engine, _, _, _ = deepspeed.initialize(model=denoiser, optimizer=optimizer, model_parameters=params,
                                                config=ds_config)
         return engine
 
     # ------------------------------------------------------------------ what the loop calls
 
-    def remaining_epochs(self) -> range:
-        return range(self.epoch, self.cfg.training.epochs)
+    def remaining_epochs(self, sampling_only_first: bool = False) -> range:
+        """Indices of the trained epochs still to run, from ``self.epoch`` (trained epochs done); with
+        ``sampling_only_first`` and no trajectories yet, first −1 (or one before ``self.epoch``): an epoch
+        that only samples, which ``end_epoch`` neither counts nor checkpoints."""
+        first = self.epoch - 1 if sampling_only_first and self.stale is None else self.epoch
+        self._first_epoch = first
+        return range(first, self.cfg.training.epochs)
 
     def next_prompts(self, n: int) -> list[str]:
         """n training prompts for this worker, drawn with replacement from the run's seeded generator."""
@@ -137,9 +144,11 @@ class TrainingRun:
         """The views rewards see: random-view jitter (the reference's random_view) or the default rig."""
         r = self.cfg.render
         if r.random_view:
-            return jittered_rig(r.num_views, r.size, r.azi_delta_deg, r.elevation_deg, r.elevation_delta_deg,
-                                generator=self.rng, batch_size=batch_size)
-        return default_rig(r.num_views, r.size)
+            cameras = jittered_rig(r.num_views, r.size, r.azi_delta_deg, r.elevation_deg, r.elevation_delta_deg,
+                                   generator=self.rng, batch_size=batch_size)
+        else:
+            cameras = default_rig(r.num_views, r.size)
+        return cameras.to(self.pipeline.generator.device)
 
     @contextmanager
     def timer(self, name: str):
@@ -157,78 +166,85 @@ class TrainingRun:
         for key, value in metrics.items():
             self.metric_sums.setdefault(key, []).append(float(value))
 
-    def step(self, loss: torch.Tensor) -> None:
-        """One micro-step: DeepSpeed accumulates and steps the optimizer at the boundary."""
+    def step(self, loss: torch.Tensor) -> bool:
+        """One micro-step: DeepSpeed accumulates and steps the optimizer at the boundary; True when it did."""
         self.engine.backward(loss)
+        # Asked before engine.step(), which advances the micro-step count the answer is about.
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        if self.engine.is_gradient_accumulation_boundary():
+        if boundary:
             self.global_step += 1
+        return boundary
 
     def end_epoch(self, epoch: int, samples: int) -> dict[str, float]:
-        """Checkpoint (every `checkpoint_every` epochs), report to Ray Train, log to MLflow, print progress."""
+        """After epoch ``epoch`` (−1: the sampling-only one): report to Ray Train, with a checkpoint every
+        `checkpoint_every` trained epochs and after the last; log to MLflow at step = trained epochs done
+        (so the sampling-only epoch's rewards sit at step 0 with the pictures before training); print progress."""
         import ray.train
         from ray.train import Checkpoint
 
-        self.epoch = epoch + 1
+        trained, epochs = epoch >= 0, self.cfg.training.epochs
+        self.epoch = epoch + 1  # trained epochs done
         metrics = {k: float(np.mean(v)) for k, v in self.metric_sums.items()}
         elapsed = sum(self.times.values())
         metrics.update({f"time/{k}": v for k, v in self.times.items()})
-        metrics.update({"epoch": epoch, "global_step": self.global_step, "samples_per_second": samples / max(elapsed, 1e-9),
+        metrics.update({"epoch": self.epoch, "global_step": self.global_step, "samples_per_second": samples / max(elapsed, 1e-9),
                         "lr": self.engine.get_lr()[0]})
         if self.engine.get_global_grad_norm() is not None:
             metrics["grad_norm"] = float(self.engine.get_global_grad_norm())
         self.metric_sums, self.times = {}, {}
 
-        if self.epoch % self.cfg.training.checkpoint_every == 0 or self.epoch == self.cfg.training.epochs:
+        if trained and (self.epoch % self.cfg.training.checkpoint_every == 0 or self.epoch == epochs):
             with tempfile.TemporaryDirectory() as tmp:
                 self._save(Path(tmp))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
         # Logged after the checkpoint: a worker killed in between redoes the epoch without a duplicate step.
-        first_time = epoch > self.tracker.last_logged_step
-        self.tracker.log_metrics(metrics, step=epoch)
-        if first_time and (self.epoch % self.cfg.tracking.log_images_every == 0 or self.epoch == self.cfg.training.epochs):
+        first_time = self.epoch > self.tracker.last_logged_step
+        self.tracker.log_metrics(metrics, step=self.epoch)
+        if trained and first_time and (self.epoch % self.cfg.tracking.log_images_every == 0 or self.epoch == epochs):
             self.log_pictures(step=self.epoch)
         if self.rank == 0:
             per_epoch = (time.monotonic() - self.started) / max(self.epoch - self._first_epoch, 1)
-            left = per_epoch * (self.cfg.training.epochs - self.epoch)
-            loss = f"loss {metrics['loss']:.4g}" if "loss" in metrics else "sampling only (stale trajectories)"
-            print(f"[r2d3ray] epoch {self.epoch}/{self.cfg.training.epochs} reward {metrics.get('reward/mean', float('nan')):.4f} "
+            left = per_epoch * (epochs - self.epoch)
+            loss = f"loss {metrics['loss']:.4g}" if "loss" in metrics else "no training"
+            which = (f"epoch {self.epoch}/{epochs}" if trained
+                     else f"epoch 0/{epochs} (sampling only: epoch 1 trains on its trajectories)")
+            print(f"[r2d3ray] {which} reward {metrics.get('reward/mean', float('nan')):.4f} "
                   f"{loss} | {per_epoch:.1f} s/epoch, ETA {left:.0f} s", flush=True)
         return metrics
 
     @torch.no_grad()
     def eval_latents(self, base: bool = False) -> torch.Tensor:
-        """Clean latents (B, V, C, h, w) of the evaluation prompts from fixed noise, by the policy or
-        (``base``) the frozen base model. Every rank runs it: under ZeRO-3 a forward gathers the
-        parameters collectively."""
+        """Clean latents (B, V, C, h, w) of the evaluation prompts from fixed noise, by the deployed
+        adapter (the policy, or DiffusionNFT's EMA of it) or (``base``) the frozen base model. Every rank
+        runs it: under ZeRO-3 a forward gathers the parameters collectively."""
         denoiser = self.pipeline.generator.denoiser
-        with adapters_disabled(denoiser) if base else nullcontext():
+        with adapters_disabled(denoiser) if base else use_adapter(denoiser, self.deployed_adapter):
             return self.pipeline.sample(self.eval_prompts, torch.Generator().manual_seed(EVAL_SEED)).final
 
     def eval_views(self, latents: torch.Tensor) -> torch.Tensor:
         """Default-rig renders (B, V, 3, H, W) of ``latents`` at the render size."""
-        cameras = default_rig(self.pipeline.generator.num_views, self.cfg.render.size)
-        return render_views(self.pipeline.splats(latents), cameras)["images"]
+        cameras = default_rig(self.pipeline.generator.num_views, self.cfg.render.size).to(self.pipeline.generator.device)
+        return render_views(self.pipeline.splats(latents), cameras, gaussian_convention=self.pipeline.gaussian_convention)["images"]
 
     def log_pictures(self, step: int) -> None:
         """MLflow image ``eval/base_vs_policy`` at ``step`` (epochs done): one row per evaluation
-        prompt, the base model's views on the left, the policy's on the right, same noise."""
+        prompt, the base model's views on the left, the policy's (its EMA when kept) on the right, same noise."""
         policy_views = self.eval_views(self.eval_latents())  # (B, V, 3, H, W)
         rows = torch.cat([self.base_views, policy_views], dim=1)  # (B, 2V, 3, H, W)
         self.tracker.log_image(grid_image(rows), "eval/base_vs_policy", step=step)
 
     def finish(self) -> None:
         """Artifacts of the finished run: the evaluation prompts' PLY files and pictures by the final
-        policy, its LoRA (diffusers format) and the resolved config."""
+        policy (its EMA when kept), that LoRA (diffusers format) and the resolved config."""
         latents = self.eval_latents()
         if self.tracker.active:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp)
                 write_outputs(self.pipeline, self.eval_prompts, latents, out / "eval", size=self.cfg.render.size)
-                save_lora(self.pipeline.generator.denoiser, out / "lora", adapter="policy")
-                use_adapter(self.pipeline.generator.denoiser, "policy")
+                save_lora(self.pipeline.generator.denoiser, out / "lora", adapter=self.deployed_adapter)
                 (out / "config.yaml").write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
                 self.tracker.log_artifact(out)
         self.tracker.end()
@@ -244,9 +260,7 @@ class TrainingRun:
         torch.save({"rng": self.rng.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                     "python": random.getstate(), "stale": self.stale}, path / f"worker_state_rank{self.rank}.pt")
         if self.rank == 0:
-            save_lora(denoiser, path / "lora", adapter="policy")  # loadable by diffusers/peft as it is
-            if "old" in denoiser.peft_config:
-                save_lora(denoiser, path / "lora_old", adapter="old")
+            self.save_adapters(path)
             (path / "state.json").write_text(json.dumps({
                 "epoch": self.epoch, "global_step": self.global_step, "mlflow_run_id": self.tracker.run_id,
                 "config": self.cfg.model_dump(mode="json"),
@@ -255,10 +269,7 @@ class TrainingRun:
 
     def _restore(self, path: Path) -> str | None:
         state = json.loads((path / "state.json").read_text())
-        denoiser = self.pipeline.generator.denoiser
-        if (path / "lora_old").is_dir():
-            load_lora(denoiser, path / "lora_old", adapter="old")
-        load_lora(denoiser, path / "lora", adapter="policy")
+        self.restore_adapters(path)
         self.engine.load_checkpoint(str(path / "deepspeed"), tag="engine", load_module_strict=False)
         worker = torch.load(path / f"worker_state_rank{self.rank}.pt", weights_only=False)
         self.rng.set_state(worker["rng"])
@@ -267,10 +278,51 @@ class TrainingRun:
         random.setstate(worker["python"])
         self.stale = worker["stale"]
         self.epoch, self.global_step = state["epoch"], state["global_step"]
-        self._first_epoch = self.epoch
         if self.rank == 0:
-            print(f"[r2d3ray] resumed from {path} at epoch {self.epoch}", flush=True)
+            print(f"[r2d3ray] resumed from {path} after {self.epoch} trained epochs", flush=True)
         return state["mlflow_run_id"]
+
+    @property
+    def deployed_adapter(self) -> str:
+        """The adapter the evaluation pictures, the final LoRA and a checkpoint's ``lora/`` come from:
+        DiffusionNFT's EMA when it keeps one (as its reference evaluates and saves), else the policy."""
+        return "ema" if "ema" in policy_copies(self.cfg) else "policy"
+
+    def _lora_dir(self, adapter: str) -> str:
+        """A checkpoint's folder for ``adapter``: ``lora`` for the deployed one (what eval, infer and the
+        demo load, by diffusers/peft as it is), ``lora_<adapter>`` for the others (``lora_old``, and
+        ``lora_policy`` when the EMA is deployed)."""
+        return "lora" if adapter == self.deployed_adapter else f"lora_{adapter}"
+
+    def save_adapters(self, path: Path) -> None:
+        denoiser = self.pipeline.generator.denoiser
+        for adapter in ("policy", *policy_copies(self.cfg)):
+            save_lora(denoiser, path / self._lora_dir(adapter), adapter=adapter)
+
+    def restore_adapters(self, path: Path) -> None:
+        denoiser = self.pipeline.generator.denoiser
+        for adapter in ("policy", *policy_copies(self.cfg)):
+            load_lora(denoiser, path / self._lora_dir(adapter), adapter=adapter)
+        use_adapter(denoiser, "policy")  # loading made each adapter active in turn
+
+
+def policy_copies(cfg: R2D3Config) -> tuple[str, ...]:
+    """Adapters beside "policy" that follow it: DiffusionNFT's behaviour policy "old" and, with
+    ema_decay > 0, its evaluation EMA "ema"."""
+    if cfg.algorithm.name != "nft":
+        return ()
+    return ("old", "ema") if cfg.algorithm.nft.ema_decay > 0 else ("old",)
+
+
+def add_adapters(denoiser, cfg: R2D3Config) -> None:
+    """The trained "policy" LoRA adapter and its `policy_copies`, each an exact copy of it at the start
+    (as DiffusionNFT copies its adapter into "old"; a checkpoint may overwrite them); "policy" ends active."""
+    for adapter in ("policy", *policy_copies(cfg)):
+        add_lora_adapter(denoiser, adapter, rank=cfg.lora.rank, alpha=cfg.lora.alpha, init=cfg.lora.init,
+                         target_modules=cfg.lora.target_modules)
+        if adapter != "policy":
+            blend_adapter_(denoiser, adapter, "policy", decay=0.0)
+    use_adapter(denoiser, "policy")
 
 
 def local_rank_env() -> None:

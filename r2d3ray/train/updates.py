@@ -9,16 +9,22 @@ Reward requests overlap with compute: Nabla sends the render of x̂0(x_{t-1}) of
 transition before the current one's backward, and computes that backward and the next transition's
 policy score while the reward is in flight (behind a batch's first request: its reference scores);
 NFT sends each sampling batch's renders and samples the next batch meanwhile.
+
+Batching as the reference: each epoch's trajectories are trained in shuffled micro-batches of
+``training.micro_batch_size``, and the optimizer steps once per ``gradient_accumulation_steps``
+trajectories, so DeepSpeed accumulates (gradient_accumulation_steps / micro_batch_size) micro-batches
+times the transitions each trajectory trains (``micro_steps_per_update``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from r2d3ray.algorithms.nabla import NablaR2D3, pull_back, render_at_x0, transition_scores
-from r2d3ray.algorithms.nft import DiffusionNFT, old_policy_decay, optimality_probability, soft_update_
+from r2d3ray.algorithms.nft import DiffusionNFT, ema_decay_at, old_policy_decay, optimality_probability, soft_update_
 from r2d3ray.algorithms.reward_backprop import RewardBackprop
 from r2d3ray.algorithms.subsampling import num_train_steps
 from r2d3ray.models.lora import adapter_parameters, adapters_disabled, use_adapter
@@ -37,6 +43,54 @@ def _stack_views(views: dict[str, torch.Tensor], keys: list[str]) -> torch.Tenso
     return torch.cat([views[k] for k in keys], dim=2)  # (B, V, sum of channels, H, W)
 
 
+def micro_batches_per_update(run) -> int:
+    t = run.cfg.training
+    return t.gradient_accumulation_steps // t.micro_batch_size  # the config checks it divides
+
+
+def shuffled_micro_batches(run, count: int):
+    """Index tensors (micro_batch_size,) into ``count`` trajectories, shuffled with the run's generator."""
+    order = torch.randperm(count, generator=run.rng)
+    size = run.cfg.training.micro_batch_size
+    return [order[start:start + size] for start in range(0, count, size)]
+
+
+def blend_adapter_(denoiser, target: str, source: str, decay: float) -> None:
+    """Adapter ``target`` ← decay·target + (1 − decay)·source, weights paired by name; decay 0 copies."""
+    targets, sources = adapter_parameters(denoiser, target), adapter_parameters(denoiser, source)
+    soft_update_([targets[k] for k in sources], list(sources.values()), decay)
+
+
+def all_gather_objects(obj) -> list:
+    """``obj`` of every worker in rank order, over the torch.distributed group Ray Train sets up
+    ([obj] in a single process without one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def worker_optimality(rewards: torch.Tensor, prompts: list[str], adv_clip_max: float,
+                      all_gather: Callable[[object], list] | None = None, rank: int = 0) -> torch.Tensor:
+    """DiffusionNFT's r (N,) for this worker's N samples. Rewards (N,) may be NaN/Inf: they count as
+    the mean of the finite ones. With ``all_gather`` (every worker's object in rank order) the
+    per-prompt means and the global std are those of all workers' samples, as the reference gathers
+    them before its stat tracker, and this worker (``rank``) takes its own rows; without, this
+    worker's samples alone."""
+    mine = (rewards.tolist(), list(prompts))
+    gathered, rank = (all_gather(mine), rank) if all_gather else ([mine], 0)  # [(rewards, prompts) of each rank]
+    everyone = torch.tensor([v for values, _ in gathered for v in values], dtype=torch.float64)  # (sum of N,)
+    finite = torch.isfinite(everyone)
+    fill = everyone[finite].mean() if finite.any() else torch.tensor(0.0, dtype=torch.float64)
+    r = optimality_probability(torch.where(finite, everyone, fill), [p for _, names in gathered for p in names],
+                               adv_clip_max)[0]
+    start = sum(len(values) for values, _ in gathered[:rank])
+    return r[start:start + len(prompts)]
+
+
 class NablaUpdates:
     """Nabla-R2D3: residual ∇-DB on sampled transitions with the forward-looking reward gradient."""
 
@@ -44,10 +98,14 @@ class NablaUpdates:
         self.run, self.cfg = run, run.cfg.algorithm.nabla
         self.algo = NablaR2D3(self.cfg)
         self.n_transitions = num_train_steps(run.cfg.sampling.num_steps, self.cfg.timestep_fraction)
+        # Stale trajectories: epoch e trains on epoch e−1's samples, so a sampling-only epoch comes first.
+        self.trains_on_previous_samples = self.cfg.trajectories == "stale"
+        # The reference's x̂0 at x_{t-1} reads ᾱ at t_prev − Δt (clipped at 1) while its network sees t_prev.
+        self.x0_timestep_shift = run.pipeline.sampler.dt if self.cfg.x0_alpha_one_step_ahead else 0
 
     @staticmethod
     def micro_steps_per_update(run) -> int:
-        return run.cfg.training.gradient_accumulation_steps * num_train_steps(
+        return micro_batches_per_update(run) * num_train_steps(
             run.cfg.sampling.num_steps, run.cfg.algorithm.nabla.timestep_fraction)
 
     def collect(self) -> Rollout | None:
@@ -65,10 +123,8 @@ class NablaUpdates:
         return train_on  # None in the first epoch: the reference's epoch −1 only samples
 
     def batches(self, rollout: Rollout):
-        order = torch.randperm(len(rollout), generator=self.run.rng)
-        size = self.run.cfg.sampling.batch_size
-        for start in range(0, len(rollout), size):
-            yield rollout.select(order[start:start + size])
+        for index in shuffled_micro_batches(self.run, len(rollout)):
+            yield rollout.select(index)
 
     def update(self, batch: Rollout) -> None:
         run, pipe = self.run, self.run.pipeline
@@ -88,12 +144,8 @@ class NablaUpdates:
         def request_reward_grad(k: int) -> _Transition:
             """1. Forward-looking reward gradient at x_{t-1}: render x̂0_θ(x_{t-1}) and send it."""
             _, _, x_prev, _, t_prev = transition(k)
-
-            def x0_policy(x):  # adapters on, the network's Jacobian kept (as the reference)
-                return predict_x0(gen.eps_from_output(gen.predict(x, t_prev, embeds, guidance)), x, t_prev,
-                                  sampler.alphas_cumprod)
-
-            x_leaf, views = render_at_x0(x_prev, x0_policy, lambda x0: pipe.render(x0, run.reward_cameras(B), run.needs))
+            x_leaf, views = render_at_x0(x_prev, lambda x: self.policy_x0(x, t_prev, embeds),
+                                         lambda x0: pipe.render(x0, run.reward_cameras(B), run.needs))
             if self.cfg.reward_context == "inference" and "depths" in views:
                 views["depths"] = views["depths"].detach()  # depth-derived normals: a stop-gradient target
             pending = run.rewards.submit({k: v.detach() for k, v in views.items()}, batch.prompts, with_grad=True)
@@ -138,6 +190,13 @@ class NablaUpdates:
             run.step(loss)
             run.record(terms)
 
+    def policy_x0(self, x: torch.Tensor, t: torch.Tensor, embeds) -> torch.Tensor:
+        """x̂0_θ(x) (B, V, C, h, w) of states x at timesteps t (B,): adapters on, the network's Jacobian
+        kept (as the reference); with x0_alpha_one_step_ahead ᾱ is read at t − Δt (clipped at 1)."""
+        gen = self.run.pipeline.generator
+        eps = gen.eps_from_output(gen.predict(x, t, embeds, self.run.cfg.sampling.guidance_scale))
+        return predict_x0(eps, x, t, self.run.pipeline.sampler.alphas_cumprod, timestep_shift=self.x0_timestep_shift)
+
     def end_epoch(self) -> None:
         _log_rewards(self.run, self.sample_scores.result())
 
@@ -154,13 +213,15 @@ class _Transition:
 class NFTUpdates:
     """DiffusionNFT: CFG-free ODE samples from the old policy, negative-aware loss on re-noised samples."""
 
+    trains_on_previous_samples = False
+
     def __init__(self, run):
         self.run, self.cfg = run, run.cfg.algorithm.nft
         self.algo = DiffusionNFT(self.cfg)
 
     @staticmethod
     def micro_steps_per_update(run) -> int:
-        return run.cfg.training.gradient_accumulation_steps * num_train_steps(
+        return micro_batches_per_update(run) * num_train_steps(
             run.cfg.sampling.num_steps, run.cfg.algorithm.nft.timestep_fraction)
 
     def collect(self) -> dict:
@@ -183,17 +244,16 @@ class NFTUpdates:
         finite = torch.cat([r.finite for r in results])
         for r in results:
             _log_rewards(run, r)
-        r_opt = optimality_probability(torch.where(finite, rewards, rewards[finite].mean()), prompts,
-                                       self.cfg.adv_clip_max)[0]
-        keep = finite.nonzero().squeeze(1)  # NaN/Inf rewards are never trained on
-        return {"clean": torch.cat(clean)[keep], "r": r_opt[keep], "prompts": [prompts[i] for i in keep.tolist()]}
+        gather = all_gather_objects if self.cfg.reward_stats == "all_workers" else None
+        r_opt = worker_optimality(torch.where(finite, rewards, torch.nan), prompts, self.cfg.adv_clip_max,
+                                  gather, run.rank)
+        # NaN/Inf rewards are never trained on: weight 0, kept so every epoch has the same micro-steps.
+        return {"clean": torch.cat(clean), "r": r_opt, "weight": finite.float(), "prompts": prompts}
 
     def batches(self, data: dict):
-        order = torch.randperm(len(data["prompts"]), generator=self.run.rng)
-        size = self.run.cfg.sampling.batch_size
-        for start in range(0, len(order), size):
-            idx = order[start:start + size]
-            yield {"clean": data["clean"][idx], "r": data["r"][idx], "prompts": [data["prompts"][i] for i in idx.tolist()]}
+        for index in shuffled_micro_batches(self.run, len(data["prompts"])):
+            yield {"clean": data["clean"][index], "r": data["r"][index], "weight": data["weight"][index],
+                   "prompts": [data["prompts"][i] for i in index.tolist()]}
 
     def update(self, batch: dict) -> None:
         run = self.run
@@ -203,7 +263,8 @@ class NFTUpdates:
         steps = self.algo.transition_steps(len(x0), sampler.num_inference_steps, run.rng)  # (B, n)
         for k in range(steps.shape[1]):
             t = sampler.timesteps[steps[:, k]]
-            noise = torch.randn(x0.shape, generator=run.rng)
+            # Drawn by the run's seeded CPU generator, then moved: the same noise on any device.
+            noise = torch.randn(x0.shape, generator=run.rng).to(x0.device)
             x_t = sampler.add_noise(x0, noise, t)
             with torch.no_grad():
                 with use_adapter(gen.denoiser, "old"):
@@ -211,21 +272,44 @@ class NFTUpdates:
                 with adapters_disabled(gen.denoiser):
                     eps_ref = gen.eps_from_output(gen.predict(x_t, t, embeds)) if self.cfg.kl_coef > 0 else None
             eps_policy = gen.eps_from_output(gen.predict(x_t, t, embeds))
-            loss, terms = self.algo.loss(eps_policy, eps_old, eps_ref, x_t, x0, sampler.alphas_cumprod_at(t), batch["r"])
-            run.step(loss)
+            loss, terms = self.algo.loss(eps_policy, eps_old, eps_ref, x_t, x0, sampler.alphas_cumprod_at(t),
+                                         batch["r"], batch["weight"])
+            self.record_output_grad_norms(loss, eps_policy, steps[:, k], batch["weight"])
+            if run.step(loss) and self.cfg.ema_decay > 0:
+                self.ema_follows_policy()
             run.record(terms)
+
+    def record_output_grad_norms(self, loss: torch.Tensor, eps_policy: torch.Tensor, step_indices: torch.Tensor,
+                                 weight: torch.Tensor) -> None:
+        """Records ``grad_norm_eps/step_<i>``: for each sample b trained at sampler step i, the norm of
+        ∂ℓ_b/∂ε_θ,b — the gradient of that sample's own loss ℓ_b (the micro-batch loss is the mean of the
+        B samples' losses, so B·∂loss/∂ε_θ,b) w.r.t. the policy's ε prediction (V, C, h, w), before
+        DeepSpeed's 1/accumulation scaling. Averaged per step index over the epoch, it shows how hard
+        each noise level pulls on the network output; the parameter gradient is this pulled back through
+        the network's Jacobian. Left-out samples (weight 0) are not recorded."""
+        (grad,) = torch.autograd.grad(loss, eps_policy, retain_graph=True)  # (B, V, C, h, w); the graph stays for step
+        norms = grad.flatten(1).float().norm(dim=1) * grad.shape[0]  # (B,)
+        for index, norm, w in zip(step_indices.tolist(), norms.tolist(), weight.tolist()):
+            if w > 0:
+                self.run.record({f"grad_norm_eps/step_{index:02d}": norm})
+
+    def ema_follows_policy(self) -> None:
+        """The evaluation EMA ("ema" adapter) after an optimizer step, with the reference's warm-up decay."""
+        decay = ema_decay_at(self.run.global_step, self.cfg.ema_decay)
+        blend_adapter_(self.run.pipeline.generator.denoiser, "ema", "policy", decay)
+        self.run.record({"ema_decay": decay})
 
     def end_epoch(self) -> None:
         """The old (behaviour) policy follows the trained one with the reference's decay schedule."""
-        denoiser = self.run.pipeline.generator.denoiser
-        policy, old = adapter_parameters(denoiser, "policy"), adapter_parameters(denoiser, "old")
         decay = old_policy_decay(self.run.global_step, self.cfg.decay_type)
-        soft_update_([old[k] for k in policy], [policy[k] for k in policy], decay)
+        blend_adapter_(self.run.pipeline.generator.denoiser, "old", "policy", decay)
         self.run.record({"old_policy_decay": decay})
 
 
 class RewardBackpropUpdates:
     """ReFL / DRaFT-K: the reward gradient through the last K sampling steps."""
+
+    trains_on_previous_samples = False
 
     def __init__(self, run):
         self.run, self.cfg = run, run.cfg.algorithm.reward_backprop
@@ -233,14 +317,17 @@ class RewardBackpropUpdates:
 
     @staticmethod
     def micro_steps_per_update(run) -> int:
-        return run.cfg.training.gradient_accumulation_steps
+        return micro_batches_per_update(run)
 
-    def collect(self) -> list[list[str]]:
+    def collect(self) -> list[str]:
+        """The epoch's prompts; each is sampled with grad in its training micro-batch."""
         s = self.run.cfg.sampling
-        return [self.run.next_prompts(s.batch_size) for _ in range(s.num_batches_per_epoch)]
+        return [p for _ in range(s.num_batches_per_epoch) for p in self.run.next_prompts(s.batch_size)]
 
-    def batches(self, prompt_batches):
-        yield from prompt_batches
+    def batches(self, prompts: list[str]):
+        size = self.run.cfg.training.micro_batch_size
+        for start in range(0, len(prompts), size):
+            yield prompts[start:start + size]
 
     def update(self, prompts: list[str]) -> None:
         run, pipe = self.run, self.run.pipeline
