@@ -44,6 +44,9 @@ class Rollout:
         """(B, V, C, h, w) the clean samples x_0."""
         return self.latents[:, -1]
 
+    def to(self, device: torch.device | str) -> Rollout:
+        return Rollout(self.prompts, self.latents.to(device), self.timesteps.to(device), self.outputs.to(device))
+
     def select(self, index: torch.Tensor | list[int]) -> Rollout:
         index = torch.as_tensor(index, dtype=torch.long)
         return Rollout([self.prompts[i] for i in index.tolist()], self.latents[index], self.timesteps, self.outputs[index])

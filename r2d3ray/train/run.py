@@ -201,7 +201,9 @@ class TrainingRun:
         else:
             ray.train.report(metrics)
         # Logged after the checkpoint: a worker killed in between redoes the epoch without a duplicate step.
-        first_time = self.epoch > self.tracker.last_logged_step
+        # Only rank 0 knows what MLflow holds, and pictures sample on every rank (a collective under
+        # ZeRO-3), so all ranks follow rank 0's answer: an epoch redone after a restart logs no duplicate.
+        first_time = self.rank0_decides(self.epoch > self.tracker.last_logged_step)
         self.tracker.log_metrics(metrics, step=self.epoch)
         if trained and first_time and (self.epoch % self.cfg.tracking.log_images_every == 0 or self.epoch == epochs):
             self.log_pictures(step=self.epoch)
@@ -214,6 +216,16 @@ class TrainingRun:
             print(f"[r2d3ray] {which} reward {metrics.get('reward/mean', float('nan')):.4f} "
                   f"{loss} | {per_epoch:.1f} s/epoch, ETA {left:.0f} s", flush=True)
         return metrics
+
+    def rank0_decides(self, answer: bool) -> bool:
+        """Rank 0's ``answer`` on every rank, for branches that must go the same way on all ranks."""
+        if self.world_size == 1:
+            return answer
+        import torch.distributed as dist
+
+        agreed = [answer]
+        dist.broadcast_object_list(agreed, src=0, device=self.pipeline.generator.device)
+        return agreed[0]
 
     @torch.no_grad()
     def eval_latents(self, base: bool = False) -> torch.Tensor:
@@ -258,7 +270,10 @@ class TrainingRun:
         denoiser = self.pipeline.generator.denoiser
         self.engine.save_checkpoint(str(path / "deepspeed"), tag="engine", exclude_frozen_parameters=True)
         torch.save({"rng": self.rng.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                    "python": random.getstate(), "stale": self.stale}, path / f"worker_state_rank{self.rank}.pt")
+                    "python": random.getstate(),
+                    # On the CPU: a restarted worker may get another GPU index, or another node.
+                    "stale": None if self.stale is None else self.stale.to("cpu")},
+                   path / f"worker_state_rank{self.rank}.pt")
         if self.rank == 0:
             self.save_adapters(path)
             (path / "state.json").write_text(json.dumps({
@@ -276,7 +291,7 @@ class TrainingRun:
         torch.set_rng_state(worker["torch"])
         np.random.set_state(worker["numpy"])
         random.setstate(worker["python"])
-        self.stale = worker["stale"]
+        self.stale = None if worker["stale"] is None else worker["stale"].to(self.pipeline.generator.device)
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         if self.rank == 0:
             print(f"[r2d3ray] resumed from {path} after {self.epoch} trained epochs", flush=True)
