@@ -444,7 +444,7 @@ def stage_tiny_diffsplat_train(quick: bool) -> dict:
         f"name: gpu_check_tiny_diffsplat\noutput_dir: {work / 'outputs'}\n"
         f"model: {{path: {work / 'model'}}}\n"
         "sampling: {num_steps: 4, batch_size: 2, num_batches_per_epoch: 1}\n"
-        "rewards: {terms: [{name: color_match}], app_name: gpu_check_rewards, app_config: "
+        "rewards: {terms: [{name: color_match}], app_name: rewards, app_config: "
         f"{REPO / 'configs' / 'rewards_toy.yaml'}}}\n"
         "algorithm: {nabla: {trajectories: fresh}}\n"
         "training: {epochs: 1, num_workers: 1, cpus_per_worker: 4, gradient_accumulation_steps: 2, use_gpu: true}\n"
