@@ -88,6 +88,25 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_critic(args: argparse.Namespace) -> int:
+    import yaml
+
+    from r2d3ray.config import apply_overrides
+    from r2d3ray.eval.critic import format_report
+    from r2d3ray.rewards.critic_train import train_critic
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise FileNotFoundError(f"critic config {str(path)!r} does not exist; see configs/tiny_critic.yaml")
+    options = apply_overrides(yaml.safe_load(path.read_text()) or {}, args.overrides)
+    record = train_critic(options, args.out)
+    print(format_report({"pairwise": record["held_out"]}))
+    print(f"wrote the critic to {args.out} in {record['wall_time_s']:.0f} s; use it with "
+          f"`reward: tiny_critic` and `kwargs: {{checkpoint: {args.out}}}`, and measure its headroom over the "
+          f"tiny prior with `python -m r2d3ray.eval.critic --model {args.out}`")
+    return 0
+
+
 def cmd_eval_prior(args: argparse.Namespace) -> int:
     import json
 
@@ -206,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(pretrain, what="YAML pretraining options, e.g. configs/tiny_prior.yaml")
     pretrain.add_argument("--out", required=True, metavar="DIR", help="where to save the model (save_pretrained layout)")
     pretrain.set_defaults(func=cmd_pretrain)
+
+    train_critic = sub.add_parser("train-critic", help="train the tiny critic (the embedded default's learned 2D reward) on CPU")
+    _add_config_args(train_critic, what="YAML critic training options, e.g. configs/tiny_critic.yaml")
+    train_critic.add_argument("--out", required=True, metavar="DIR", help="where to save the critic (model.safetensors, config.json)")
+    train_critic.set_defaults(func=cmd_train_critic)
 
     eval_prior = sub.add_parser("eval-prior", help="the tiny prior's quality: colour accuracy and silhouette IoU on held-out prompts")
     eval_prior.add_argument("--model", metavar="DIR", help="a tiny prior directory (default: the committed one)")

@@ -34,6 +34,7 @@ _BUILTIN_MODULES: dict[str, str] = {
     "hps": "r2d3ray.rewards.hps",
     "aesthetic": "r2d3ray.rewards.aesthetic",
     "normal": "r2d3ray.rewards.normal",
+    "tiny_critic": "r2d3ray.rewards.critic",
 }
 
 
