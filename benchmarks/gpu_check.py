@@ -103,7 +103,7 @@ class ModelSize:
         )  # fmt: skip
 
 
-# reference/models.md §1.3 and §1.6: PixArt-Σ XL-2 with DiffSplat's overrides; the SDXL VAE.
+# PixArt-Σ XL-2 with DiffSplat's overrides (its transformer_ema config.json); the SDXL VAE.
 DIFFSPLAT_SIZE = ModelSize(28, 16, 72, 32, 4096, 300, (128, 256, 512, 512), 2, 32)
 QUICK_SIZE = ModelSize(2, 2, 8, 8, 32, 16, (8, 16), 1, 4, num_steps=4)
 

@@ -8,7 +8,7 @@ closest valid key for a typo).
 
     cfg = load_config("configs/toy.yaml", overrides=["training.lr=1e-4"])
 
-Names follow the reference implementations (nabla_r2d3.md §2, diffusionnft.md §2) where they
+Names follow the reference implementations (Nabla-R2D3's config.model.* / config.training.*, DiffusionNFT's config) where they
 exist, so a reader can map a field to the paper's hyper-parameter table.
 """
 
@@ -101,7 +101,7 @@ class RewardsConfig(Section):
 
 
 class NablaConfig(Section):
-    """Nabla-R2D3 (residual ∇-GFlowNet); names are the reference's config.model.* (nabla_r2d3.md §2)."""
+    """Nabla-R2D3 (residual ∇-GFlowNet); names are the reference's config.model.*."""
 
     reward_scale: float = Field(1.0, gt=0.0, description="beta")
     reward_adaptive_scaling: Literal["squared", "sqrt", "off"] = "squared"
@@ -124,7 +124,7 @@ class NablaConfig(Section):
 
 
 class NFTConfig(Section):
-    """DiffusionNFT. The reference has two betas; they are named apart on purpose (diffusionnft.md §1.5)."""
+    """DiffusionNFT. The reference has two betas; they are named apart on purpose (see r2d3ray/algorithms/nft.py)."""
 
     nft_mix_beta: float = Field(1.0, gt=0.0, description="strength of the implicit +/- mix (config.beta)")
     kl_coef: float = Field(1e-4, ge=0.0, description="weight of the KL to the reference (config.train.beta)")

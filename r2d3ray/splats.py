@@ -1,6 +1,6 @@
 """3D Gaussian splats: the batch type, DiffSplat's splatter images, and 3DGS PLY files.
 
-Splatter images (DiffSplat's GSVAE output, reference/models.md §1.6). Each view's 12-channel
+Splatter images (DiffSplat's GSVAE output, its `gsvae.decode_gslatents`). Each view's 12-channel
 image in [-1, 1] holds one Gaussian per pixel:
 
 =========  ==========  =====================================================================

@@ -5,7 +5,7 @@ MLFLOW_TRACKING_URI names another (MLflow 3.x wants an explicit URI; a file stor
 default). Open the UI with `mlflow ui --backend-store-uri <uri>`.
 
 Ray Train V2 rejects Tune's MLflowLoggerCallback, so the train loop logs with plain `mlflow` calls
-on rank 0 (ray_anchors.md §3); the run id travels in every checkpoint so a restarted worker or a
+on rank 0 (as Ray Train's MLflow examples do); the run id travels in every checkpoint so a restarted worker or a
 re-submitted job continues the same run instead of opening a duplicate.
 """
 

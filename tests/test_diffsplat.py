@@ -19,7 +19,7 @@ from r2d3ray.models.mv_attention import Float32LayerNorm, MVAttnProcessor
 from r2d3ray.models.schedulers import PIXART_SIGMA_SCHEDULER_CONFIG
 from r2d3ray.render.cameras import default_rig, plucker_rays
 
-# reference/models.md §6.2: the real classes at toy sizes (latent 8x8 per view, x8 VAE -> 64x64 splatter images)
+# the real classes at toy sizes (latent 8x8 per view, x8 VAE -> 64x64 splatter images)
 TRANSFORMER_CONFIG = dict(
     num_attention_heads=2, attention_head_dim=8, in_channels=10, out_channels=8, num_layers=2, cross_attention_dim=16,
     sample_size=8, patch_size=2, caption_channels=32, norm_type="ada_norm_single", use_additional_conditions=False,

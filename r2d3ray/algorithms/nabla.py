@@ -1,6 +1,6 @@
 """Nabla-R2D3: the residual ∇-GFlowNet loss with the forward-looking reward gradient.
 
-What it learns (reference/nabla_r2d3.md §1.1, §1.4). The policy is the SDE-DPM-Solver++ Gaussian
+What it learns (Nabla-R2D3's `src/train_nabla_r2d3_diffsplat_pas.py`; nabla-gfn's `train_nablagfn.py`). The policy is the SDE-DPM-Solver++ Gaussian
 p_θ(x_{t-1}|x_t) = N(μ_θ(x_t), std²I); its forward score is s_θ = ∇_{x_{t-1}} log p_θ(x_{t-1}|x_t).
 Residual ∇-DB asks, on every sampled transition x_t → x_{t-1},
 

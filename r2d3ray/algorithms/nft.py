@@ -1,6 +1,6 @@
 """DiffusionNFT: negative-aware fine-tuning on the forward process, for ε-prediction (VP) models.
 
-The reference (reference/diffusionnft.md §1.4-1.7) trains a rectified-flow velocity model v. Per
+The reference (DiffusionNFT's `scripts/train_nft_sd3.py`) trains a rectified-flow velocity model v. Per
 sample it keeps only the clean sample x0 (drawn by the behaviour policy θ_old with any solver, CFG
 off) and an optimality probability r ∈ [0, 1] from its reward; then for a few of the sampler's
 timesteps it re-noises x0 and fits two implicit policies, mixed with strength β_mix (``nft_mix_beta``):
@@ -25,7 +25,7 @@ own output space (ε here, v there).
 
 On-policy (θ = θ_old) ε⁺ = ε⁻ = ε_old, so the loss value does not depend on r, while its gradient
 w.r.t. ε_θ is adv_clip_max·(2r − 1)·∇ℓ(ε_old): a signed, advantage-weighted denoising regression that
-vanishes at r = ½ (diffusionnft.md §1.5). Tests check both.
+vanishes at r = ½. Tests check both.
 
 The two betas: ``nft_mix_beta`` is the reference's ``config.beta`` (1.0 default; 0.1 for OCR and the
 multi-reward run); ``kl_coef`` is ``config.train.beta`` (1e-4).

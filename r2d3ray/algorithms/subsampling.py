@@ -4,7 +4,7 @@ Step indices count sampler steps: index ``i`` is the transition ``x_{t_i} -> x_{
 the ``i``-th call of the sampler, so ``num_steps - 1`` is the last (final, terminal) transition.
 Every function returns one row of indices per sample, ``(B, num_train)`` int64, because each
 sample draws its own steps (the references draw per-sample permutations too, but their trainers only
-handle a batch of 1 correctly — see reference/nabla_r2d3.md §7.1).
+handle a batch of 1 correctly: Nabla-R2D3 builds the timestep tensor for one sample).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def stratified_steps(
     stratum, in ascending stratum order. So every stratum is hit, the final step is always column 0,
     and no step repeats.
 
-    Departure from the reference (nabla_r2d3.md §1.5, §7.4): R2D3 hard-codes 4 strata of 5 steps for
+    Departure from the reference: R2D3 hard-codes 4 strata of 5 steps for
     20 steps and takes repeated rounds over them (``[19, s0, s1, s2, s3, s0', ...]``, final step
     possibly drawn twice); nabla-gfn needs ``num_steps`` divisible by the stratum count. This version
     works for any ``num_steps`` and ``num_train`` and spreads the picks evenly over the trajectory.
@@ -68,7 +68,7 @@ def random_steps(
 ) -> torch.Tensor:
     """An independent random permutation per sample, truncated to ``num_train`` columns.
 
-    ``include_final=False`` is DiffusionNFT's pick (diffusionnft.md §1.5). ``include_final=True`` is
+    ``include_final=False`` is DiffusionNFT's pick. ``include_final=True`` is
     nabla-gfn's non-stratified pick: the final step first, then a permutation of the others.
     """
     _check(batch_size, num_steps, num_train)

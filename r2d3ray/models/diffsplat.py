@@ -1,6 +1,6 @@
 """DiffSplat (PixArt-Σ variant, text-conditioned) as a :class:`SplatGenerator`, from a local directory.
 
-What it is (reference/models.md §1): a multi-view PixArt-Σ transformer (28 layers, 1152 wide,
+What it is (chenguolin/DiffSplat, `src/infer_gsdiff_pas.py`): a multi-view PixArt-Σ transformer (28 layers, 1152 wide,
 patch 2, latent 32x32 per view; input 4 latent + 6 Plücker channels, output 8 = ε + learned
 variance), run on 4 views whose tokens attend jointly in self-attention; T5-XXL prompt embeddings
 (300 tokens x 4096, with masks); a GS-VAE that decodes each view's latent into a 256x256

@@ -1,6 +1,6 @@
 """LoRA adapters on the denoiser, through peft and diffusers' adapter API.
 
-Defaults follow Nabla-R2D3 (reference/nabla_r2d3.md §1.3): rank 8, Gaussian init (B = 0, so a
+Defaults follow Nabla-R2D3 (`src/train_nabla_r2d3_diffsplat_pas.py`): rank 8, Gaussian init (B = 0, so a
 fresh adapter leaves the model unchanged), alpha = rank (scale 1), and the target names below,
 filtered to those the denoiser has. Several named adapters can live on one denoiser ("policy",
 and "old" for DiffusionNFT); exactly one is active. peft keeps only the active adapter's weights

@@ -3,7 +3,7 @@
 The V views of an object travel through the transformer as V separate images, stacked on the
 batch axis: hidden states are ``(B·V, n, d)`` with n tokens per view. In *self*-attention the
 views must see each other, so :class:`MVAttnProcessor` regroups the tokens ``(B·V, n, d) ->
-(B, V·n, d)`` before attention and splits them back afterwards (reference/models.md §1.2);
+(B, V·n, d)`` before attention and splits them back afterwards (as DiffSplat's `mv_attention_processor.py`);
 *cross*-attention to the prompt tokens stays per view. The number of views reaches the processor
 through ``cross_attention_kwargs={"num_views": V}``: diffusers' ``Attention`` hands a processor
 only the kwargs its ``__call__`` names, so every attention module of the blocks gets this

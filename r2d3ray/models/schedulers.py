@@ -1,7 +1,7 @@
 """Samplers for ε-prediction (DDPM/VP) diffusion models: SDE-DPM-Solver++ with policy scores, an ODE
 DPM-Solver++ (2nd order), x̂0 prediction and forward noising.
 
-Conventions (as in Nabla-R2D3, reference/nabla_r2d3.md §1.0):
+Conventions (as in Nabla-R2D3's `diffusers_patch/step_with_score.py`):
 - Sampling runs from noise to clean. Step i maps ``x_t`` ("sample", at ``timesteps[i]``) to ``x_{t-1}``
   ("prev_sample", at ``prev_timesteps[i]``); the last step targets timestep 0 because the final sigma is
   diffusers' ``"sigma_min"`` (= the noise level of ᾱ[0]), so every state of a trajectory has a finite SNR.
@@ -14,7 +14,7 @@ The noise schedule (betas, ᾱ, timesteps, sigmas) comes from diffusers' ``DPMSo
 only the SDE step with its Gaussian score is written here, because diffusers' ``step`` neither returns
 the mean/std nor scores a given ``prev_sample``.
 
-Terminal-ᾱ trap (reference/models.md §1.5): with ``rescale_betas_zero_snr=True`` the schedule has
+Terminal-ᾱ trap: with ``rescale_betas_zero_snr=True`` the schedule has
 ᾱ_999 = 0 and ε-prediction divides by √ᾱ. We always use the scheduler's ``alphas_cumprod``, in which
 diffusers' DPM-Solver replaces ᾱ_999 by 2**-24 (√ = 2**-12), so x̂0 at t = 999 is finite (ε's error is
 amplified 4096× there; the step scales x̂0 back by α_{t-1}) and nothing divides by zero. DiffSplat's
@@ -31,7 +31,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-# DiffSplat's PixArt-Σ scheduler (reference/nabla_r2d3.md §4). `steps_offset` only affects "leading".
+# DiffSplat's PixArt-Σ scheduler (PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers' scheduler config). `steps_offset` only affects "leading".
 PIXART_SIGMA_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     beta_start=1e-4,
@@ -81,7 +81,7 @@ def predict_x0(eps: torch.Tensor, x_t: torch.Tensor, t, alphas_cumprod: torch.Te
     """x̂0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t, float32, keeping the graph of ``eps`` and ``x_t``.
 
     ``t``: int, 0-d or (N,) training timesteps. ``timestep_shift`` > 0 reproduces Nabla-R2D3's DPM quirk
-    (reference/nabla_r2d3.md §1.1 item 3): ᾱ is read at ``clamp(t − timestep_shift, min=1)`` while the
+    (its `pred_orig_latent`, "hard coded for dpm solver"): ᾱ is read at ``clamp(t − timestep_shift, min=1)`` while the
     network saw ``t``; pass ``sampler.dt`` for the reference behaviour. The default 0 is the consistent x̂0.
     """
     if eps.shape != x_t.shape:

@@ -1,6 +1,6 @@
 """Cameras: orbit rigs around the origin, ray maps and Plücker embeddings.
 
-Conventions (the same as DiffSplat's, see reference/models.md §1.4):
+Conventions (the same as DiffSplat's `src/utils/geo_util.py`):
 
 * World frame: y up (DiffSplat's OpenGL world). Azimuth 0° puts the camera on +z, 90° on +x.
   Elevation > 0 puts the camera *above* the xz-plane (DiffSplat passes ``-elevation`` to an orbit

@@ -1,6 +1,6 @@
 """DNC, depth-normal consistency: a geometry reward computed from the render alone, no weights.
 
-As Nabla-R2D3's ``normal_d2n_cons`` (reference/nabla_r2d3.md §3): normals are derived from the
+As Nabla-R2D3's ``normal_d2n_cons`` (its `rewards_normal.py`): normals are derived from the
 expected depth by back-projection and finite differences, compared with the rendered per-Gaussian
 normals, and the reward is their masked mean cosine over pixels with alpha > 0.5, in [-1, 1].
 Consistent (flat, well-oriented Gaussians sitting on the surface they draw) scores near 1.

@@ -1,6 +1,6 @@
 """Normal consistency against a monocular normal estimator (StableNormal's one-step YOSO stage).
 
-As Nabla-R2D3's ``normal_yoso`` (reference/nabla_r2d3.md §3): an estimator predicts normals from
+As Nabla-R2D3's ``normal_yoso`` (its `rewards_normal.py`): an estimator predicts normals from
 each rendered RGB view; the reward is the masked mean cosine between the rendered normals and that
 prediction over pixels with alpha > 0.5, in [-1, 1]. The prediction is a stop-gradient target (the
 reference's ``reward_context=inference``), so the gradient reaches the rendered normals only.

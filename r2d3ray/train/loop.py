@@ -1,4 +1,4 @@
-"""`train_loop_per_worker`: what every Ray Train worker runs (DESIGN.md's data flow).
+"""`train_loop_per_worker`: what every Ray Train worker runs (docs/contracts.md names what each step hands the next).
 
 It reads like the algorithm; the Ray, DeepSpeed and MLflow plumbing lives in `TrainingRun`, and
 each algorithm's collect/update in `r2d3ray.train.updates`.
