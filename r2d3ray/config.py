@@ -399,7 +399,7 @@ class AutoscalingConfig(Section):
 
 class RewardDeploymentConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", description="deployment name and HTTP route /rewards/{name}")
-    reward: str = Field(description="registered reward model, e.g. hpsv2, aesthetic, dnc, color_match")
+    reward: str = Field(description="registered reward model, e.g. hps, aesthetic, dnc, color_match, tiny_critic")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingConfig | None = None

@@ -30,7 +30,11 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from r2d3ray.render.cameras import DIFFSPLAT_FXFY, DIFFSPLAT_RADIUS
+# DiffSplat's cameras, which define where a splatter image's pixels lie (its unprojection): the
+# normalised focal length (1.3889, a 39.6° field of view) and the orbit radius. The rig in
+# render/cameras.py uses the same two numbers.
+DIFFSPLAT_FXFY = 1422.222 / 1024
+DIFFSPLAT_RADIUS = 1.4
 
 SH_C0 = 0.28209479177387814  # zeroth spherical-harmonic basis constant, 1 / (2·sqrt(pi))
 OPACITY_EPS = 1e-6  # opacities are clamped to [eps, 1 − eps] before the PLY logit
@@ -78,21 +82,22 @@ class Splats:
     def validate(self) -> "Splats":
         """Check shapes and finiteness; raises ValueError naming the field. Returns self."""
         if not isinstance(self.means, torch.Tensor) or self.means.ndim != 3:
-            raise ValueError(f"Splats.means: expected a tensor of shape (B, N, 3), got {_shape(self.means)}")
+            raise ValueError(f"Splats.means: expected a tensor of shape (B, N, 3), got {describe_shape(self.means)}")
         B, N = self.means.shape[:2]
         for name, tail in (("means", (3,)), ("quats", (4,)), ("scales", (3,)), ("opacities", ()), ("colors", (3,))):
             value = getattr(self, name)
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != (B, N, *tail):
                 expected = ", ".join(["B", "N", *map(str, tail)])
                 raise ValueError(
-                    f"Splats.{name}: expected shape ({expected}) = {(B, N, *tail)}, got {_shape(value)}"
+                    f"Splats.{name}: expected shape ({expected}) = {(B, N, *tail)}, got {describe_shape(value)}"
                 )
             if not torch.isfinite(value).all():
                 raise ValueError(f"Splats.{name}: contains non-finite values")
         return self
 
 
-def _shape(value) -> str:
+def describe_shape(value) -> str:
+    """A tensor's shape (or a non-tensor's type name) for error messages."""
     return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
@@ -102,9 +107,9 @@ def _shape(value) -> str:
 def _check_splatter_shape(name: str, value: torch.Tensor, channels: int, like: tuple | None = None):
     """(B, V, channels, h, w), and matching ``like`` = (B, V, h, w) when given."""
     if not isinstance(value, torch.Tensor) or value.ndim != 5 or value.shape[2] != channels:
-        raise ValueError(f"{name}: expected shape (B, V, {channels}, h, w), got {_shape(value)}")
+        raise ValueError(f"{name}: expected shape (B, V, {channels}, h, w), got {describe_shape(value)}")
     if like is not None and (*value.shape[:2], *value.shape[3:]) != like:
-        raise ValueError(f"{name}: expected (B, V, h, w) = {like} like the other maps, got {_shape(value)}")
+        raise ValueError(f"{name}: expected (B, V, h, w) = {like} like the other maps, got {describe_shape(value)}")
 
 
 def decode_splatter_images(
@@ -124,7 +129,7 @@ def decode_splatter_images(
     B, V, _, h, w = splatter.shape
     if not isinstance(c2w, torch.Tensor) or c2w.shape not in ((V, 4, 4), (B, V, 4, 4)):
         raise ValueError(
-            f"decode_splatter_images: c2w expected shape (V, 4, 4) or (B, V, 4, 4) = {(B, V, 4, 4)}, got {_shape(c2w)}"
+            f"decode_splatter_images: c2w expected shape (V, 4, 4) or (B, V, 4, 4) = {(B, V, 4, 4)}, got {describe_shape(c2w)}"
         )
     if h < 2 or w < 2:
         raise ValueError(f"decode_splatter_images: splatter images must be at least 2x2 (x/(w-1) pixels), got {h}x{w}")

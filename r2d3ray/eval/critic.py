@@ -16,24 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
+from r2d3ray.eval.stats import mean_se
 from r2d3ray.models.world import parse_prompt, split_prompts
 from r2d3ray.rewards.critic import TINY_CRITIC_DIR, TinyCritic, prompt_indices
 from r2d3ray.rewards.critic_data import FAMILIES, RenderBank, build_bank, ground_truth_splats, negatives, positives
 
 HEADROOM_GUIDANCE_SCALE = 3.0  # configs/toy.yaml's, the prior the demo aligns
 HEADROOM_RENDER_SIZE = 64  # configs/toy.yaml's render.size
-
-
-def mean_se(values: torch.Tensor) -> tuple[float, float]:
-    values = values.double().flatten()
-    se = values.std().item() / math.sqrt(values.numel()) if values.numel() > 1 else 0.0
-    return values.mean().item(), se
 
 
 @torch.no_grad()

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from r2d3ray.config import R2D3Config, load_reward_app_config
 from r2d3ray.eval.prior import color_fidelity
+from r2d3ray.eval.stats import mean_se
 from r2d3ray.infer import batch_generator, build_pipeline, check_prompts, resolve_lora
 from r2d3ray.models.lora import load_lora
 from r2d3ray.models.pipeline import render_views
@@ -174,16 +175,6 @@ def pixel_features(images: torch.Tensor, alphas: torch.Tensor, size: int = PIXEL
     """images (B, V, 3, H, W), alphas (B, V, 1, H, W) -> (B, V·4·size²): RGB + alpha pooled to size²."""
     rgba = torch.cat([images, alphas], dim=2).flatten(0, 1)  # (B·V, 4, H, W)
     return F.adaptive_avg_pool2d(rgba, size).unflatten(0, images.shape[:2]).flatten(1)
-
-
-def mean_se(values) -> tuple[float, float]:
-    """Mean and standard error (sample std / √n) of finite values; NaN where undefined."""
-    values = torch.as_tensor(values, dtype=torch.float64).flatten()
-    values = values[torch.isfinite(values)]
-    n = values.numel()
-    if n == 0:
-        return math.nan, math.nan
-    return float(values.mean()), float(values.std() / math.sqrt(n)) if n > 1 else math.nan
 
 
 def diversity(features: torch.Tensor) -> float:

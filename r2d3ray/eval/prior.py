@@ -15,12 +15,12 @@ Gaussians cannot draw a sharper edge), the ceiling of the second measure.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from r2d3ray.models.generator import SplatGenerator
 from r2d3ray.models.pipeline import SplatPipeline
+from r2d3ray.eval.stats import mean_se
 from r2d3ray.models.world import COLORS, parse_prompt, silhouette, split_prompts
 from r2d3ray.render.cameras import Cameras
 from r2d3ray.render.rasterize import RenderOutput, render_splats
@@ -125,12 +125,6 @@ def evaluate_prior(
                     dict(prompt=prompt, seed=seed, color_ok=bool(color_ok[k]), iou=float(iou[k]),
                          mean_color=[round(float(c), 3) for c in colors[k]])
                 )
-
-    def mean_se(values):
-        n = len(values)
-        mean = sum(values) / n
-        var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-        return mean, math.sqrt(var / n)
 
     color_accuracy, color_se = mean_se([float(s["color_ok"]) for s in samples])
     iou, iou_se = mean_se([s["iou"] for s in samples])

@@ -13,11 +13,11 @@ The YAML the CLI reads (``r2d3ray pretrain --config configs/tiny_prior.yaml --ou
 fields of :class:`PretrainConfig`, ``model`` being overrides of ``tiny.TINY_DEFAULT_CONFIG``::
 
     seed: 0
-    steps: 3000
-    batch_size: 32
-    lr: 1.0e-3
+    steps: 4800
+    batch_size: 16
+    lr: 2.0e-3
     ...
-    model: {num_layers: 4, attention_head_dim: 32}
+    model: {}
 
 Progress: a tqdm bar (rate, ETA, loss). Tracking: one MLflow run (params, ``train/loss``,
 ``train/lr``) in ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<out_dir>/mlflow.db``.
@@ -46,7 +46,8 @@ CONFIG_NAME = "pretrain_config.json"
 
 @dataclass
 class PretrainConfig:
-    """Options of :func:`pretrain`; every field has the value the committed checkpoint used."""
+    """Options of :func:`pretrain`. The committed checkpoint's values are configs/tiny_prior.yaml's
+    (also saved beside it as pretrain_config.json), not these defaults."""
 
     seed: int = 0
     steps: int = 3000

@@ -214,7 +214,7 @@ def sample_trajectory(denoise_fn: DenoiseFn, x_T: torch.Tensor, sampler: SDEDPMS
     """Roll out ``sampler`` from x_T, recording every state and raw network output (no grad).
 
     ``denoise_fn(x_t, t)`` returns the raw output for t a 0-d int64 tensor; classifier-free guidance is
-    the caller's (the generator's ``predict_noise``). Replaying ``step_with_score`` on the recorded
+    the caller's (the generator's ``predict``). Replaying ``step_with_score`` on the recorded
     outputs with ``prev_sample=latents[i+1]`` reproduces the same transitions. ``eps_fn(output, x_t)``
     picks ε from a raw output when channels are not on dim 1 (a generator's (B, V, C, h, w) latents).
     """

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DIFFSPLAT_FXFY = 1422.222 / 1024  # 1.3889, normalised focal length of DiffSplat's cameras
-DIFFSPLAT_RADIUS = 1.4
+from r2d3ray.splats import DIFFSPLAT_FXFY, DIFFSPLAT_RADIUS  # noqa: F401  (the splatter images' geometry)
+
 DIFFSPLAT_ELEVATION_DEG = 10.0
 PIXEL_CONVENTIONS = ("center", "diffsplat_plucker")
 

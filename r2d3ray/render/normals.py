@@ -15,18 +15,13 @@ Two independent estimates, which the DNC reward compares:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from gsplat.cuda._torch_impl import _quat_to_rotmat
 from gsplat.utils import depth_to_points
 
 from r2d3ray.render.cameras import Cameras
-from r2d3ray.render.rasterize import _shape
-
-if TYPE_CHECKING:  # a runtime import would be circular (splats.py imports render.cameras)
-    from r2d3ray.splats import Splats
+from r2d3ray.splats import Splats, describe_shape
 
 
 def depth_to_normals(depths: torch.Tensor, cameras: Cameras) -> torch.Tensor:
@@ -39,7 +34,7 @@ def depth_to_normals(depths: torch.Tensor, cameras: Cameras) -> torch.Tensor:
     Differentiable with respect to ``depths``.
     """
     if not isinstance(depths, torch.Tensor) or depths.ndim < 4 or depths.shape[-3] != 1:
-        raise ValueError(f"depth_to_normals: depths expected shape (..., V, 1, H, W), got {_shape(depths)}")
+        raise ValueError(f"depth_to_normals: depths expected shape (..., V, 1, H, W), got {describe_shape(depths)}")
     H, W = depths.shape[-2:]
     if (W, H) != (cameras.width, cameras.height):
         raise ValueError(f"depth_to_normals: depths are {H}x{W} but cameras are {cameras.height}x{cameras.width}")
@@ -100,7 +95,7 @@ def rendered_normals(features: torch.Tensor, alphas: torch.Tensor, min_alpha: fl
     ):
         raise ValueError(
             f"rendered_normals: expected features (..., 3, H, W) and alphas (..., 1, H, W), "
-            f"got {_shape(features)} and {_shape(alphas)}"
+            f"got {describe_shape(features)} and {describe_shape(alphas)}"
         )
     return torch.where(alphas >= min_alpha, features / alphas.clamp(min=min_alpha), 0.0)
 
@@ -114,11 +109,11 @@ def depth_normal_consistency(
     if normals_a.ndim != 5 or normals_a.shape[2] != 3 or normals_b.shape != normals_a.shape:
         raise ValueError(
             f"depth_normal_consistency: normals_a and normals_b expected the same shape (B, V, 3, H, W), "
-            f"got {_shape(normals_a)} and {_shape(normals_b)}"
+            f"got {describe_shape(normals_a)} and {describe_shape(normals_b)}"
         )
     B, V, _, H, W = normals_a.shape
     if alphas.shape != (B, V, 1, H, W):
-        raise ValueError(f"depth_normal_consistency: alphas expected shape {(B, V, 1, H, W)}, got {_shape(alphas)}")
+        raise ValueError(f"depth_normal_consistency: alphas expected shape {(B, V, 1, H, W)}, got {describe_shape(alphas)}")
     norm_a, norm_b = normals_a.norm(dim=2), normals_b.norm(dim=2)  # (B, V, H, W)
     mask = (alphas[:, :, 0] > threshold) & (norm_a > 1e-6) & (norm_b > 1e-6)
     cosine = (normals_a * normals_b).sum(2) / (norm_a * norm_b).clamp(min=1e-12)

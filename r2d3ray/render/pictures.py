@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from r2d3ray.render.cameras import DIFFSPLAT_ELEVATION_DEG, DIFFSPLAT_RADIUS, Cameras, orbit_cameras
-from r2d3ray.render.rasterize import _shape, render_splats
-
-if TYPE_CHECKING:  # a runtime import would be circular (splats.py imports render.cameras)
-    from r2d3ray.splats import Splats
+from r2d3ray.render.rasterize import render_splats
+from r2d3ray.splats import Splats, describe_shape
 
 
 def save_grid_png(images, path: str | os.PathLike, nrow: int | None = None, padding: int = 2) -> str:
@@ -45,7 +43,7 @@ def grid_image(images, nrow: int | None = None, padding: int = 2) -> np.ndarray:
         default_nrow = images.shape[1] if images.ndim == 5 else images.shape[0]
         images = images.detach().float().cpu().reshape(-1, *images.shape[-3:])
     else:
-        raise ValueError(f"grid_image: images expected (B, V, 3, H, W), (N, 3, H, W) or a list, got {_shape(images)}")
+        raise ValueError(f"grid_image: images expected (B, V, 3, H, W), (N, 3, H, W) or a list, got {describe_shape(images)}")
     if images.shape[1] != 3:
         raise ValueError(f"grid_image: images need 3 channels (..., 3, H, W), got {tuple(images.shape)}")
     if not torch.isfinite(images).all():
@@ -67,7 +65,7 @@ def save_turntable_gif(
 ) -> str:
     """Render one object (B = 1) from ``num_frames`` azimuths 0..360° and write a looping GIF."""
     if splats.means.ndim != 3 or splats.means.shape[0] != 1:
-        raise ValueError(f"save_turntable_gif: splats must hold one object (B = 1), got means {_shape(splats.means)}")
+        raise ValueError(f"save_turntable_gif: splats must hold one object (B = 1), got means {describe_shape(splats.means)}")
     if num_frames < 1 or size < 1:
         raise ValueError(f"save_turntable_gif: num_frames and size must be >= 1, got {num_frames}, {size}")
     azimuths = torch.arange(num_frames, dtype=torch.float32) * (360.0 / num_frames)

@@ -74,16 +74,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from gsplat.cuda._torch_impl import _persp_proj, _quat_scale_to_covar_preci, _world_to_cam
 from torch.utils.checkpoint import checkpoint
 
 from r2d3ray.render.cameras import Cameras
-
-if TYPE_CHECKING:  # splats.py imports render.cameras; a runtime import here would be circular
-    from r2d3ray.splats import Splats
+from r2d3ray.splats import Splats, describe_shape
 
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
 ALPHA_THRESHOLD = 1.0 / 255.0  # gsplat's ALPHA_THRESHOLD: fainter pairs are skipped
@@ -194,10 +192,10 @@ def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, 
             f"got near_plane={near_plane}, far_plane={far_plane}, eps2d={eps2d}"
         )
     if not isinstance(means, torch.Tensor) or means.ndim < 2 or means.shape[-1] != 3:
-        raise ValueError(f"rasterization: means expected shape [..., N, 3], got {_shape(means)}")
+        raise ValueError(f"rasterization: means expected shape [..., N, 3], got {describe_shape(means)}")
     batch, N = tuple(means.shape[:-2]), means.shape[-2]
     if not isinstance(viewmats, torch.Tensor) or viewmats.ndim != len(batch) + 3:
-        raise ValueError(f"rasterization: viewmats expected shape {(*batch, 'C', 4, 4)}, got {_shape(viewmats)}")
+        raise ValueError(f"rasterization: viewmats expected shape {(*batch, 'C', 4, 4)}, got {describe_shape(viewmats)}")
     C = viewmats.shape[-3]
     expected = {
         "quats": (*batch, N, 4), "scales": (*batch, N, 3), "opacities": (*batch, N),
@@ -208,18 +206,18 @@ def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, 
     for name, shape in expected.items():
         value = tensors[name]
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-            raise ValueError(f"rasterization: {name} expected shape {shape}, got {_shape(value)}")
+            raise ValueError(f"rasterization: {name} expected shape {shape}, got {describe_shape(value)}")
     if not isinstance(colors, torch.Tensor) or colors.ndim < 2 or (
         tuple(colors.shape[:-1]) not in ((*batch, N), (*batch, C, N))
     ):
         raise ValueError(
-            f"rasterization: colors expected shape {(*batch, N, 'D')} or {(*batch, C, N, 'D')}, got {_shape(colors)}"
+            f"rasterization: colors expected shape {(*batch, N, 'D')} or {(*batch, C, N, 'D')}, got {describe_shape(colors)}"
         )
     if backgrounds is not None:
         tensors["backgrounds"] = backgrounds
         shape = (*batch, C, colors.shape[-1])
         if not isinstance(backgrounds, torch.Tensor) or tuple(backgrounds.shape) != shape:
-            raise ValueError(f"rasterization: backgrounds expected shape {shape}, got {_shape(backgrounds)}")
+            raise ValueError(f"rasterization: backgrounds expected shape {shape}, got {describe_shape(backgrounds)}")
     for name, value in tensors.items():
         if not value.is_floating_point():
             raise ValueError(f"rasterization: {name} must be a floating-point tensor, got {value.dtype}")
@@ -232,10 +230,6 @@ def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, 
         raise ValueError("rasterization: viewmats contains non-invertible 4x4 matrices")
     if C > 0 and not ((Ks[..., 0, 0] > 0) & (Ks[..., 1, 1] > 0)).all():
         raise ValueError("rasterization: Ks must have positive focal lengths fx = K[0,0], fy = K[1,1]")
-
-
-def _shape(value) -> str:
-    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 # ----------------------------------------------------------------------------- torch renderer
@@ -505,7 +499,7 @@ def render_splats(
         if not isinstance(extra_features, torch.Tensor) or extra_features.shape[:-1] not in ((B, N), (B, V, N)):
             raise ValueError(
                 f"render_splats: extra_features expected shape (B, N, F) = ({B}, {N}, F) or (B, V, N, F) = "
-                f"({B}, {V}, {N}, F), got {_shape(extra_features)}"
+                f"({B}, {V}, {N}, F), got {describe_shape(extra_features)}"
             )
         F = extra_features.shape[-1]
         if extra_features.ndim == 4:
