@@ -176,7 +176,7 @@ def test_registry_builds_known_names_and_lists_them_for_unknown_ones():
     register_reward("test_contrast")(Contrast)
     assert isinstance(build_reward("test_contrast"), Contrast)
     assert type(build_reward("color_match")).__name__ == "ColorAgreementReward"  # imported on demand
-    with pytest.raises(ValueError, match=r"unknown reward 'hsp'; known rewards: aesthetic, color_match, .*dnc, hps"):
+    with pytest.raises(ValueError, match=r"unknown reward 'hsp'; known rewards: aesthetic, .*color_match, .*dnc, hps, imagereward"):
         build_reward("hsp")
     with pytest.raises(ValueError, match="already registered"):
         register_reward("test_contrast")(Brightness)

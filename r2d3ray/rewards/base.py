@@ -19,7 +19,8 @@ the raw value (so it shows up in logs), zeroes that view's gradients, warns, and
 ``RewardOutput.finite``. Callers either drop those views with the mask or call
 ``RewardOutput.check_finite()``, which raises ``NonFiniteRewardError`` naming them.
 
-Writing a reward: subclass ``RewardModel``, set ``name`` / ``needs`` / ``grad_extras``, implement
+Writing a reward: subclass ``RewardModel``, set ``name`` / ``needs`` / ``grad_extras`` (and
+``differentiable = False`` for a reward that has values only), implement
 ``forward(images, prompts, extras) -> (B, V)`` with differentiable torch ops that score every view
 on its own (no statistics across the batch), and register it with
 ``r2d3ray.rewards.registry.register_reward``. The base class does validation, dtype, device and
@@ -91,6 +92,10 @@ class RewardModel(nn.Module):
     needs: frozenset[str] = frozenset()
     # Extras the reward is differentiated with respect to (a subset of ``needs``).
     grad_extras: frozenset[str] = frozenset()
+    # Whether ``score(..., with_grad=True)`` gives a meaningful gradient. Nabla-R2D3 and reward
+    # backprop train on it, so a run of theirs refuses a value-only reward before it starts
+    # (r2d3ray/train/launch.py); DiffusionNFT uses values only and takes every reward.
+    differentiable: bool = True
 
     def forward(
         self, images: torch.Tensor, prompts: list[str], extras: dict[str, torch.Tensor]
@@ -110,6 +115,8 @@ class RewardModel(nn.Module):
         Inputs are not modified and need not require grad; outputs live on ``images.device``.
         """
         extras = validate_inputs(images, prompts, extras, self.needs, self.name)
+        if with_grad and not self.differentiable:
+            raise ValueError(f"{self.name} has values only (differentiable = False); score it with with_grad=False")
         out_device = images.device
         device = next(itertools.chain(self.parameters(), self.buffers()), images).device
         dtype = torch.float64 if images.dtype == torch.float64 else torch.float32

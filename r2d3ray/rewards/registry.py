@@ -33,6 +33,9 @@ _BUILTIN_MODULES: dict[str, str] = {
     "dnc": "r2d3ray.rewards.dnc",
     "hps": "r2d3ray.rewards.hps",
     "aesthetic": "r2d3ray.rewards.aesthetic",
+    "pickscore": "r2d3ray.rewards.pickscore",
+    "imagereward": "r2d3ray.rewards.imagereward",
+    "clipscore": "r2d3ray.rewards.clipscore",
     "normal": "r2d3ray.rewards.normal",
     "tiny_critic": "r2d3ray.rewards.critic",
 }
@@ -102,7 +105,8 @@ class CombinedRewardOutput:
 
 
 def reward_class(name: str):
-    """The factory registered as ``name`` (its ``needs`` tell a trainer which render channels to send).
+    """The factory registered as ``name`` (its ``needs`` tell a trainer which render channels to send,
+    its ``differentiable`` whether a gradient-based algorithm can train on it).
 
     ``package.module:name`` names a reward registered outside r2d3ray: the module is imported first
     (its ``@register_reward`` runs), then ``name`` is looked up."""

@@ -20,6 +20,8 @@ from r2d3ray.config import ConfigError, R2D3Config, RewardAppConfig, load_reward
 from r2d3ray.tracking import resolve_tracking_uri
 
 NUM_MISSING_PROMPTS_SHOWN = 3
+# Algorithms that train on d reward / d image (DiffusionNFT needs reward values only).
+GRADIENT_ALGORITHMS = ("nabla", "reward_backprop")
 
 
 class LaunchError(RuntimeError):
@@ -89,7 +91,10 @@ def make_plan(cfg: R2D3Config, config_file: str | Path | None = None) -> Plan:
 
 
 def _check_reward_app(cfg: R2D3Config) -> RewardAppConfig:
-    """The reward app config, which must serve every term under the name the workers attach to."""
+    """The reward app config, which must serve every term under the name the workers attach to,
+    with a reward that has a gradient when the algorithm trains on one."""
+    from r2d3ray.rewards.registry import reward_class
+
     try:
         app = load_reward_app_config(cfg.rewards.app_config)
     except ConfigError as err:
@@ -103,6 +108,18 @@ def _check_reward_app(cfg: R2D3Config) -> RewardAppConfig:
         # The driver deploys the app under the app config's name; the workers attach to rewards.app_name.
         raise LaunchError(f"rewards.app_name is {cfg.rewards.app_name!r} but the reward app config "
                           f"{cfg.rewards.app_config} deploys app_name {app.app_name!r}; make the two names equal")
+    if cfg.algorithm.name in GRADIENT_ALGORITHMS:
+        models = {d.name: d.reward for d in app.deployments}
+        for term in cfg.rewards.terms:
+            try:
+                differentiable = getattr(reward_class(models[term.name]), "differentiable", True)
+            except ValueError as err:
+                raise LaunchError(f"rewards.terms: {term.name!r} in {cfg.rewards.app_config}: {err}") from None
+            if not differentiable:
+                raise LaunchError(
+                    f"algorithm {cfg.algorithm.name!r} trains on reward gradients, but reward term {term.name!r} "
+                    f"(reward {models[term.name]!r}) has values only; use algorithm.name=nft, which needs values "
+                    "only, or a differentiable reward")
     return app
 
 
