@@ -11,14 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def _add_config_args(parser: argparse.ArgumentParser, required: bool = True,
-                     what: str = "YAML run config, e.g. configs/toy.yaml") -> None:
-    parser.add_argument("--config", required=required, metavar="FILE", help=what)
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one config value, e.g. --set training.lr=1e-4 (repeatable)",
-    )
+from r2d3ray.cli_args import add_config_args
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -196,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="inspect run configs")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_sub.add_parser("show", help="print the resolved config (file + overrides + defaults) as YAML")
-    _add_config_args(show, required=False)
+    add_config_args(show, required=False)
     show.set_defaults(func=cmd_config_show)
 
     render = sub.add_parser("render", help="render a standard 3DGS PLY file to a multi-view grid PNG (and a GIF)")
@@ -210,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.set_defaults(func=cmd_render)
 
     train = sub.add_parser("train", help="align a generator with rewards (Ray Train + DeepSpeed, Serve rewards, MLflow)")
-    _add_config_args(train)
+    add_config_args(train)
     train.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     train.add_argument("--dry-run", action="store_true",
                        help="check the config, the model's files, the prompts (and DiffSplat's prompt cache), "
@@ -218,16 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="the embedded default end to end: align the tiny prior, then compare before/after")
-    _add_config_args(demo, required=False)
+    add_config_args(demo, required=False)
     demo.set_defaults(func=cmd_demo, config="configs/toy.yaml")
 
     pretrain = sub.add_parser("pretrain", help="train the tiny splat prior (the embedded default's base model) on CPU")
-    _add_config_args(pretrain, what="YAML pretraining options, e.g. configs/tiny_prior.yaml")
+    add_config_args(pretrain, what="YAML pretraining options, e.g. configs/tiny_prior.yaml")
     pretrain.add_argument("--out", required=True, metavar="DIR", help="where to save the model (save_pretrained layout)")
     pretrain.set_defaults(func=cmd_pretrain)
 
     train_critic = sub.add_parser("train-critic", help="train the tiny critic (the embedded default's learned 2D reward) on CPU")
-    _add_config_args(train_critic, what="YAML critic training options, e.g. configs/tiny_critic.yaml")
+    add_config_args(train_critic, what="YAML critic training options, e.g. configs/tiny_critic.yaml")
     train_critic.add_argument("--out", required=True, metavar="DIR", help="where to save the critic (model.safetensors, config.json)")
     train_critic.set_defaults(func=cmd_train_critic)
 
@@ -241,14 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     eval_prior.set_defaults(func=cmd_eval_prior)
 
     serve = sub.add_parser("serve", help="deploy the reward plane (a Ray Serve app) and leave it running for other jobs")
-    _add_config_args(serve, what="YAML reward app config, e.g. configs/rewards_toy.yaml")
+    add_config_args(serve, what="YAML reward app config, e.g. configs/rewards_toy.yaml")
     serve.add_argument("--address", default="auto",
                        help="'auto': a running cluster (deploy and return; the app stays up), "
                             "'local': a cluster in this process (blocks until Ctrl-C), or a Ray address")
     serve.set_defaults(func=cmd_serve)
 
     sample = sub.add_parser("sample", help="generate splats for prompts: a PLY and a multi-view grid PNG per prompt")
-    _add_config_args(sample)
+    add_config_args(sample)
     which = sample.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompt", help='one prompt, e.g. "a red cube"')
     which.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line")
@@ -272,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--pixart", required=True, metavar="DIR",
                          help="PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers (tokenizer/, text_encoder/, vae/, scheduler/)")
     prepare.add_argument("--out", metavar="DIR", help="the model directory to write (default with --config: its model.path)")
-    _add_config_args(prepare, required=False,
+    add_config_args(prepare, required=False,
                      what="a DiffSplat run config: also cache its prompts.file and tracking.eval_prompts")
     prepare.add_argument("--prompts", action="append", default=[], metavar="FILE",
                          help="a prompt file (.txt or .parquet) whose prompts to cache (repeatable)")

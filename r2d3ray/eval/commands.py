@@ -80,14 +80,14 @@ def cmd_precompute_rewards(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add `infer`, `eval` and `precompute-rewards` to the CLI's subparsers."""
-    from r2d3ray.cli import _add_config_args
+    from r2d3ray.cli_args import add_config_args
 
     infer = subparsers.add_parser(
         "infer", help="sample a base model (and a LoRA): per prompt a PLY, a multi-view grid PNG and a turntable GIF",
         description="Sample prompts with the config's base model, or with a LoRA on it, and write per prompt "
                     "<index>_<prompt>[_TAG].ply (3DGS), .png (multi-view grid) and .gif (turntable).",
     )
-    _add_config_args(infer)
+    add_config_args(infer)
     infer.add_argument("--prompts", required=True, metavar="FILE",
                        help="prompts: a text file (one per line) or a Parquet prompt set with a 'prompt' column")
     infer.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -115,7 +115,7 @@ def register(subparsers) -> None:
                     "summary.md, metrics.json and samples.parquet, and logs one MLflow run tagged with the "
                     "compared runs.",
     )
-    _add_config_args(evaluate)
+    add_config_args(evaluate)
     evaluate.add_argument("--runs", required=True, metavar="base,RUN,...",
                           help="comma-separated models: 'base', LoRA directories, training checkpoints "
                                "(containing lora/) or run directories (their newest checkpoint), each optionally as "
@@ -145,7 +145,7 @@ def register(subparsers) -> None:
                     "r2d3ray/eval/prompts.py). Filter training prompts with it through prompts.reward_file "
                     "and prompts.reward_threshold.",
     )
-    _add_config_args(precompute)
+    add_config_args(precompute)
     precompute.add_argument("--prompts", required=True, metavar="FILE", help="a text file or a Parquet prompt set")
     precompute.add_argument("--out", required=True, metavar="FILE.parquet", help="the reward cache to write")
     precompute.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds 0..N-1 per prompt (default 1)")

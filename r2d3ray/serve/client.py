@@ -23,7 +23,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import RayServeException, ReplicaUnavailableError
 
 from r2d3ray.rewards.base import RewardOutput
-from r2d3ray.serve.deployments import GRAD_DTYPES, decode_grad, object_store_anchor
+from r2d3ray.serve.wire import GRAD_DTYPES, decode_grad, object_store_anchor
 
 # Failures of the plane, not of the request: another attempt (on another or a restarted
 # replica) can succeed. A reward's own error (RayTaskError) is deterministic and is not retried.

@@ -244,7 +244,7 @@ class RewardsHTTP:
     """Routes HTTP requests to the reward deployments through their handles."""
 
     def __init__(self, limits: dict, rewards: dict, token_sha256: str | None = None):
-        from r2d3ray.serve.deployments import object_store_anchor
+        from r2d3ray.serve.wire import object_store_anchor
 
         self.limits = limits
         self.rewards = rewards  # name -> DeploymentHandle
