@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from r2d3ray.cli_args import add_config_args
+from r2d3ray.errors import UserError
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -46,14 +47,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from r2d3ray.config import load_config
-    from r2d3ray.train.launch import LaunchError, launch
+    from r2d3ray.train.launch import launch
 
     cfg = load_config(args.config, args.overrides)
-    try:
-        result = launch(cfg, address=args.address, dry_run=args.dry_run, config_file=args.config)
-    except LaunchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = launch(cfg, address=args.address, dry_run=args.dry_run, config_file=args.config)
     if result is not None:
         print(f"finished {cfg.name!r}; latest checkpoint: {result.checkpoint.path if result.checkpoint else 'none'}")
     return 0
@@ -304,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as err:
-        # Config errors, bad shapes and malformed files carry a message written for the user.
+    except (UserError, ValueError, FileNotFoundError) as err:
+        # r2d3ray's own errors, bad shapes and malformed files carry a message written for the user.
         print(f"error: {err}", file=sys.stderr)
         return 2
 

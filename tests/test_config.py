@@ -8,7 +8,7 @@ import yaml
 from r2d3ray.config import ConfigError, build_config, load_config, load_reward_app_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-RUN_CONFIGS = [p for p in CONFIGS if not p.name.startswith(("rewards", "tiny_prior")) and not p.stem.endswith("_base")]
+RUN_CONFIGS = [p for p in CONFIGS if not p.name.startswith(("rewards", "tiny_prior", "tiny_critic")) and not p.stem.endswith("_base")]
 ROOT = Path(__file__).resolve().parents[1]
 
 

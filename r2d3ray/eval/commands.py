@@ -18,15 +18,17 @@ from pathlib import Path
 def cmd_infer(args: argparse.Namespace) -> int:
     from r2d3ray.config import load_config
     from r2d3ray.eval.prompts import read_prompts
-    from r2d3ray.infer import InferOptions, build_pipeline, infer
+    from r2d3ray.infer import InferOptions, build_pipeline, infer, infer_on_ray
 
     cfg = load_config(args.config, args.overrides)
     prompts = read_prompts(args.prompts)
     opts = InferOptions(seed=args.seed, batch_size=args.batch_size or cfg.sampling.batch_size,
                         size=args.size or cfg.render.size, tag=args.tag, vis_normal=args.vis_normal,
                         random_view=args.random_view, frames=args.frames)
-    pipe = build_pipeline(cfg, args.lora)
-    written = infer(pipe, prompts, args.out, opts, cfg.render)
+    if args.num_workers:  # the same files, from batches spread over Ray actors
+        written = infer_on_ray(cfg, prompts, args.out, opts, args.lora, args.num_workers, args.gpus_per_worker)
+    else:
+        written = infer(build_pipeline(cfg, args.lora), prompts, args.out, opts, cfg.render)
     print(f"wrote {len(written)} files for {len(prompts)} prompts to {args.out} "
           f"({'LoRA ' + args.lora if args.lora else 'base model'})")
     return 0
@@ -104,6 +106,11 @@ def register(subparsers) -> None:
     infer.add_argument("--size", type=int, default=None, metavar="PX",
                        help="view size in pixels of grids and GIFs (default: render.size)")
     infer.add_argument("--frames", type=int, default=36, metavar="N", help="turntable frames (default 36; 0: no GIF)")
+    infer.add_argument("--num-workers", type=int, default=0, metavar="N",
+                       help="spread the batches over N Ray actors, one pipeline each, on the cluster of RAY_ADDRESS "
+                            "(else a local one); the files are the same (default 0: in this process)")
+    infer.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                       help="GPUs per actor with --num-workers (default: 1 when the cluster has a GPU per actor, else 0)")
     infer.set_defaults(func=cmd_infer)
 
     evaluate = subparsers.add_parser(

@@ -24,6 +24,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from torch import nn
 
+from r2d3ray.errors import UserError
 from r2d3ray.models.mv_attention import PixArtTransformerMV2DModel, set_mv_attention
 from r2d3ray.render.cameras import Cameras
 from r2d3ray.splats import Splats, decode_splatter_images
@@ -31,7 +32,7 @@ from r2d3ray.splats import Splats, decode_splatter_images
 SCHEDULER_DIR = "scheduler"
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(UserError, FileNotFoundError):
     """A checkpoint file is missing; the message names the path looked for and how to get it."""
 
 

@@ -22,6 +22,7 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import RayServeException, ReplicaUnavailableError
 
+from r2d3ray.errors import UserError
 from r2d3ray.rewards.base import RewardOutput
 from r2d3ray.serve.wire import GRAD_DTYPES, decode_grad, object_store_anchor
 
@@ -30,7 +31,7 @@ from r2d3ray.serve.wire import GRAD_DTYPES, decode_grad, object_store_anchor
 TRANSIENT_ERRORS = (RayActorError, ReplicaUnavailableError, TimeoutError)
 
 
-class RewardPlaneError(RuntimeError):
+class RewardPlaneError(UserError, RuntimeError):
     """The reward plane could not answer (app missing, retries exhausted); names the reward."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from r2d3ray.config import ConfigError, R2D3Config, RewardAppConfig, load_reward_app_config
+from r2d3ray.errors import UserError
 from r2d3ray.tracking import resolve_tracking_uri
 
 NUM_MISSING_PROMPTS_SHOWN = 3
@@ -24,7 +25,7 @@ NUM_MISSING_PROMPTS_SHOWN = 3
 GRADIENT_ALGORITHMS = ("nabla", "reward_backprop")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """A run that cannot start or did not finish; the message names the component and what to do."""
 
 
