@@ -177,6 +177,10 @@ class TrainingConfig(Section):
     offload_params: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    # Where Ray Train keeps the run's checkpoints: a directory every node shares, or a URI
+    # (s3://..., gs://...) handed to Ray unchanged. Empty: $R2D3RAY_STORAGE_PATH, else
+    # <output_dir>/ray_results.
+    storage_path: str = ""
     max_failures: int = Field(1, ge=-1)
 
     @model_validator(mode="after")

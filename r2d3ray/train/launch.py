@@ -33,7 +33,7 @@ class LaunchError(UserError, RuntimeError):
 class Plan:
     cfg: R2D3Config
     app: RewardAppConfig
-    storage_path: Path
+    storage_path: str  # a local directory or a URI, as Ray Train takes it
     cpus_needed: float
     gpus_needed: float
     num_prompts: int
@@ -51,9 +51,50 @@ class Plan:
             f"({len(self.app.deployments)} deployments: {', '.join(d.name for d in self.app.deployments)})",
             f"  prompts: {self.num_prompts} ({self.cfg.prompts.file or 'the tiny world train split'})",
             f"  resources: {self.cpus_needed:g} CPUs, {self.gpus_needed:g} GPUs",
-            f"  checkpoints: {self.storage_path / self.cfg.name}",
+            f"  checkpoints: {self.storage_path.rstrip('/')}/{self.cfg.name}",
             f"  MLflow: {resolve_tracking_uri(self.cfg.tracking.tracking_uri, self.cfg.output_dir)}",
         ])
+
+
+STORAGE_ENV = "R2D3RAY_STORAGE_PATH"
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def in_submitted_job() -> bool:
+    """Whether this driver runs as a `ray job submit` job, i.e. in a temporary, per-node copy of the
+    working directory that Ray names anew whenever the code changes."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    return RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ
+
+
+def storage_path(cfg: R2D3Config) -> str:
+    """Where Ray Train keeps the run's checkpoints (see TrainingConfig.storage_path); URIs stay URIs."""
+    configured = cfg.training.storage_path or os.environ.get(STORAGE_ENV, "")
+    if is_uri(configured):
+        return configured
+    return str(Path(configured or Path(cfg.output_dir) / "ray_results").resolve())
+
+
+def check_durable_locations(cfg: R2D3Config) -> None:
+    """Refuse, in a submitted job, output and checkpoint locations relative to the job's working
+    directory: they would land in Ray's temporary copy of it, on one node, under a new name for
+    every code change, so a resubmitted run would resume nothing and its MLflow runs would be lost."""
+    if not in_submitted_job():
+        return
+    relative = [(key, value) for key, value in (("output_dir", cfg.output_dir),
+                                                ("training.storage_path", cfg.training.storage_path or
+                                                 os.environ.get(STORAGE_ENV, "")))
+                if value and not is_uri(value) and not Path(value).is_absolute()]
+    if relative:
+        key, value = relative[0]
+        raise LaunchError(f"{key} is the relative path {value!r}; in a `ray job submit` job it would resolve inside "
+                          "the job's temporary working directory, lost with the job and different on every "
+                          f"submission. Set {key} to storage every node shares (e.g. --set {key}=/shared/r2d3ray)"
+                          + (f", or ${STORAGE_ENV} / a URI such as s3://bucket/r2d3ray" if key != "output_dir" else ""))
 
 
 def with_absolute_paths(cfg: R2D3Config) -> R2D3Config:
@@ -83,12 +124,13 @@ def make_plan(cfg: R2D3Config, config_file: str | Path | None = None) -> Plan:
     app = _check_reward_app(cfg)
     model_dir = _check_model_files(cfg)
     num_prompts = _check_prompts(cfg, model_dir, config_file)
-    storage_path = Path(cfg.output_dir).resolve() / "ray_results"
-    _check_writable(storage_path)
+    storage = storage_path(cfg)
+    if not is_uri(storage):  # a bucket's permissions are Ray Train's to find out
+        _check_writable(Path(storage))
     t = cfg.training
     cpus = t.num_workers * t.cpus_per_worker + sum(d.num_cpus * d.num_replicas for d in app.deployments)
     gpus = t.num_workers * int(t.use_gpu) + sum(d.num_gpus * d.num_replicas for d in app.deployments)
-    return Plan(cfg, app, storage_path, cpus, gpus, num_prompts)
+    return Plan(cfg, app, storage, cpus, gpus, num_prompts)
 
 
 def _check_reward_app(cfg: R2D3Config) -> RewardAppConfig:
@@ -266,6 +308,7 @@ def launch(cfg: R2D3Config, address: str | None = None, dry_run: bool = False, s
     from r2d3ray.serve.deployments import app_status, deploy_rewards
     from r2d3ray.train.loop import train_loop_per_worker
 
+    check_durable_locations(cfg)
     cfg = with_absolute_paths(cfg)
     plan = make_plan(cfg, config_file)
     connect_ray(plan, address)
@@ -294,18 +337,18 @@ def launch(cfg: R2D3Config, address: str | None = None, dry_run: bool = False, s
         train_loop_config={"run": cfg.model_dump(mode="json"), "served_rewards": served_rewards},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
-        run_config=RunConfig(name=cfg.name, storage_path=str(plan.storage_path),
+        run_config=RunConfig(name=cfg.name, storage_path=plan.storage_path,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=3)),
     )
     try:
         result = trainer.fit()
     except Exception as err:
-        latest = _latest_checkpoint(plan.storage_path / cfg.name)
+        latest = None if is_uri(plan.storage_path) else _latest_checkpoint(Path(plan.storage_path) / cfg.name)
         text = str(err)
         component = ("configuration" if "ConfigError" in text else
                      "reward endpoint" if "RewardPlaneError" in text or "reward " in text.lower() else
-                     "storage" if any(s in text for s in ("No space left", "Permission denied", str(plan.storage_path)))
+                     "storage" if any(s in text for s in ("No space left", "Permission denied", plan.storage_path))
                      else "training worker")
         raise LaunchError(f"{component} failed: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}\n"
                           f"last checkpoint: {latest or 'none yet'}; re-run the same command to resume from it") from err
@@ -313,5 +356,7 @@ def launch(cfg: R2D3Config, address: str | None = None, dry_run: bool = False, s
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(run_dir.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime) if run_dir.is_dir() else []
+    # checkpoint_manager_snapshot.json shares the prefix; checkpoints are the directories
+    found = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime) \
+        if run_dir.is_dir() else []
     return found[-1] if found else None
