@@ -100,6 +100,11 @@ class RewardsConfig(Section):
     app_name: str = "rewards"
     app_config: str = "configs/rewards_toy.yaml"
     grad_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Each reward request's deadline, and how long a request that failed for the plane's reasons (a
+    # replica restarting, a full queue, a deadline missed) is re-sent before the run stops: longer
+    # than a GPU reward replica takes to restart.
+    request_timeout_s: float = Field(300.0, gt=0.0)
+    retry_budget_s: float = Field(900.0, ge=0.0)
 
 
 class NablaConfig(Section):
@@ -415,6 +420,9 @@ class RewardDeploymentConfig(Section):
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, description="how long an idle replica's first request "
                                         "waits for others to merge with")
     max_ongoing_requests: int = Field(16, ge=1)
+    # Requests a replica's queue holds beyond those; more are turned away (back-pressure), which
+    # trainers retry after a backoff instead of piling up behind a slow reward.
+    max_queued_requests: int = Field(64, ge=1)
     health_check_period_s: float = Field(10.0, gt=0.0)
     health_check_timeout_s: float = Field(30.0, gt=0.0)
     # Serve's access log writes a line per request into every job's output; on for debugging.

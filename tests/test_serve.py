@@ -380,9 +380,21 @@ def test_a_token_guards_every_route_but_health(plane, monkeypatch):
         serve.delete("secured")
 
 
+def test_a_request_past_its_deadline_is_retried_until_the_budget_ends(plane):
+    """The `batch_size` reward takes 0.5 s; with a 0.1 s deadline every attempt times out, is
+    cancelled and re-sent, and once the 1 s budget is spent the error names the reward and deadlines."""
+    client = ServedRewards(plane.cfg.app_name, [("batch_size", 1.0)], timeout_s=0.1, retry_budget_s=1.0, backoff_s=0.05)
+    images, prompts, _ = sample_batch(b=1, v=1, size=8)
+    pending = client.submit(images, prompts, with_grad=False)
+    started = time.monotonic()
+    with pytest.raises(RewardPlaneError, match="reward 'batch_size'.*retry budget of 1 s.*at most 0.1 s each"):
+        pending.result()
+    assert pending.attempts["batch_size"] >= 3 and time.monotonic() - started < 5.0
+
+
 def test_a_replica_killed_mid_stream_loses_no_request(plane):
     """Runs last: it kills one of the two `probe` replicas while 12 requests are in flight."""
-    client = ServedRewards(plane.cfg.app_name, [("probe", 1.0)], timeout_s=60, retries=4, backoff_s=0.2)
+    client = ServedRewards(plane.cfg.app_name, [("probe", 1.0)], timeout_s=60, retry_budget_s=120, backoff_s=0.2)
     batches = [sample_batch(b=1, v=2, size=8, seed=10 + i) for i in range(12)]
     pending = [client.submit(images, prompts) for images, prompts, _ in batches]
     time.sleep(0.3)  # the stream is under way: each replica answers one request per 0.1 s

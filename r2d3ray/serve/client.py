@@ -6,29 +6,37 @@
     result = pending.result()                            # RewardResult: values, grads, finite
 
 One `ray.put` of the image batch fans out to every configured reward through DeploymentHandles,
-and values and gradients come back as numpy arrays. A request whose replica dies, or that times
-out, is re-sent with exponential backoff, so the caller goes on; a request the reward rejects
-(bad input) fails at once with ValueError. `LocalRewards` has the same interface with the rewards
+and values and gradients come back as numpy arrays. A request whose replica dies, that times out
+(it is cancelled first), or that a full queue turns away (back-pressure) is re-sent after an
+exponential backoff with jitter, for as long as the retry budget lasts, which should outlast a GPU
+reward replica's restart; past it the attempt ends with RewardPlaneError naming the reward and
+its deadlines, and Ray Train's restart takes over. A request the reward rejects (bad input)
+fails at once with ValueError. `LocalRewards` has the same interface with the rewards
 in this process (for tests, benchmarks, and a single-machine run without Serve).
 """
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import RayServeException, ReplicaUnavailableError
+from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError, RayServeException,
+                                  ReplicaUnavailableError)
 
 from r2d3ray.errors import UserError
 from r2d3ray.rewards.base import RewardOutput
 from r2d3ray.serve.wire import GRAD_DTYPES, decode_grad, object_store_anchor
 
-# Failures of the plane, not of the request: another attempt (on another or a restarted
-# replica) can succeed. A reward's own error (RayTaskError) is deterministic and is not retried.
-TRANSIENT_ERRORS = (RayActorError, ReplicaUnavailableError, TimeoutError)
+# Failures of the plane, not of the request: another attempt (on another or a restarted replica,
+# or once the queue drains) can succeed. A reward's own error (RayTaskError) is deterministic and
+# is not retried.
+TRANSIENT_ERRORS = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError,
+                    TimeoutError)
+MAX_BACKOFF_S = 30.0
 
 
 class RewardPlaneError(UserError, RuntimeError):
@@ -93,6 +101,7 @@ class PendingRewards:
     def __init__(self, client: ServedRewards, args: tuple, responses: dict, device: torch.device):
         self._client, self._args, self._responses, self._device = client, args, responses, device
         self.attempts = {name: 1 for name in responses}
+        self._sent = time.monotonic()
 
     def result(self) -> RewardResult:
         client = self._client
@@ -103,12 +112,18 @@ class PendingRewards:
                     parts[name] = response.result(timeout_s=client.timeout_s)
                     break
                 except TRANSIENT_ERRORS as err:
-                    if self.attempts[name] > client.retries:
+                    if isinstance(err, TimeoutError):
+                        response.cancel()  # not left running beside its replacement
+                    # Full jitter: ranks that lost the same replica do not come back in step.
+                    wait = random.uniform(0.5, 1.0) * min(MAX_BACKOFF_S, client.backoff_s * 2 ** (self.attempts[name] - 1))
+                    if time.monotonic() + wait - self._sent > client.retry_budget_s:
                         raise RewardPlaneError(
-                            f"reward {name!r} of app {client.app_name!r} failed {self.attempts[name]} times; "
-                            f"last error: {type(err).__name__}: {err}"
+                            f"reward {name!r} of app {client.app_name!r} did not answer within its retry budget of "
+                            f"{client.retry_budget_s:g} s ({self.attempts[name]} attempts of at most "
+                            f"{client.timeout_s:g} s each; rewards.request_timeout_s, rewards.retry_budget_s); "
+                            f"last error: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
                         ) from err
-                    time.sleep(client.backoff_s * 2 ** (self.attempts[name] - 1))
+                    time.sleep(wait)
                     self.attempts[name] += 1
                     response = client.handles[name].score.remote(*self._args)
                 except RayTaskError as err:
@@ -123,19 +138,20 @@ class PendingRewards:
 class ServedRewards:
     """Client of the reward Serve app. terms: (deployment name, weight) pairs.
 
-    timeout_s bounds each attempt; a failed attempt is re-sent up to `retries` times after
-    backoff_s, 2·backoff_s, 4·backoff_s, ... seconds. grad_dtype is what gradients travel as.
+    timeout_s bounds each attempt; a failed attempt is re-sent after about backoff_s, 2·backoff_s,
+    4·backoff_s, ... seconds (at most 30, jittered) while retry_budget_s since the request was
+    first sent lasts. grad_dtype is what gradients travel as.
     """
 
     def __init__(self, app_name: str, terms: list[tuple[str, float]], timeout_s: float = 300.0,
-                 retries: int = 3, backoff_s: float = 0.5, grad_dtype: str = "float32"):
+                 retry_budget_s: float = 900.0, backoff_s: float = 1.0, grad_dtype: str = "float32"):
         from ray import serve
 
         if grad_dtype not in GRAD_DTYPES:
             raise ValueError(f"grad_dtype {grad_dtype!r} is not one of {GRAD_DTYPES}")
         if not terms:
             raise ValueError("terms is empty; give at least one (deployment name, weight) pair")
-        self.app_name, self.timeout_s, self.retries, self.backoff_s = app_name, timeout_s, retries, backoff_s
+        self.app_name, self.timeout_s, self.retry_budget_s, self.backoff_s = app_name, timeout_s, retry_budget_s, backoff_s
         self.grad_dtype = grad_dtype
         self.weights = {name: float(weight) for name, weight in terms}
         self._anchor = object_store_anchor()

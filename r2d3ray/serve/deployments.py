@@ -176,6 +176,7 @@ def build_app(cfg: RewardAppConfig):
                 "num_cpus": d.num_cpus, "num_gpus": d.num_gpus, "runtime_env": {"env_vars": REPLICA_ENV},
             },
             max_ongoing_requests=d.max_ongoing_requests,
+            max_queued_requests=d.max_queued_requests,
             health_check_period_s=d.health_check_period_s,
             health_check_timeout_s=d.health_check_timeout_s,
             logging_config={"enable_access_log": d.access_log},

@@ -104,7 +104,8 @@ class TrainingRun:
         r = self.cfg.rewards
         terms = [(t.name, t.weight) for t in r.terms]
         if served:
-            client = ServedRewards(r.app_name, terms, grad_dtype=r.grad_dtype)
+            client = ServedRewards(r.app_name, terms, timeout_s=r.request_timeout_s, retry_budget_s=r.retry_budget_s,
+                                   grad_dtype=r.grad_dtype)
         else:
             app = {d.name: d for d in load_reward_app_config(r.app_config).deployments}
             client = LocalRewards({name: (build_reward(app[name].reward, **app[name].kwargs), w) for name, w in terms})
