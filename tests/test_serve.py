@@ -380,6 +380,35 @@ def test_a_token_guards_every_route_but_health(plane, monkeypatch):
         serve.delete("secured")
 
 
+def test_a_running_app_is_attached_only_when_it_serves_the_same_thing(plane):
+    """A job finding the app with other kwargs stops naming the difference; its owner updates it;
+    two jobs finding no app at once deploy it once."""
+    import threading
+
+    from r2d3ray.serve.deployments import RewardAppMismatch
+
+    def app(nan_views):
+        base = load_reward_app_config(ROOT / "configs/rewards_toy.yaml", ["app_name=owned", "http.route_prefix=/owned"])
+        probe = RewardDeploymentConfig(name="probe", reward="test_serve:serve_probe", kwargs={"nan_views": nan_views},
+                                       num_cpus=0, max_batch_size=1)
+        return base.model_copy(update={"deployments": [probe]})
+
+    results = []
+    racers = [threading.Thread(target=lambda: results.append(deploy_rewards(app([0])))) for _ in range(2)]
+    try:
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join(timeout=120)
+        assert sorted(results) == [False, True]  # one deployed, the other waited and attached
+        with pytest.raises(RewardAppMismatch, match=r"deployment 'probe': kwargs \{'nan_views': \[0\]\} running"):
+            deploy_rewards(app([1]))
+        assert deploy_rewards(app([1]), owner=True) is True  # `r2d3ray serve` owns the app and updates it
+        assert deploy_rewards(app([1])) is False
+    finally:
+        serve.delete("owned")
+
+
 def test_a_request_past_its_deadline_is_retried_until_the_budget_ends(plane):
     """The `batch_size` reward takes 0.5 s; with a 0.1 s deadline every attempt times out, is
     cancelled and re-sent, and once the 1 s budget is spent the error names the reward and deadlines."""

@@ -18,7 +18,12 @@ imports the module first so that its `@register_reward("name")` runs there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import inspect
+import json
 import logging
+import sys
 import time
 import warnings
 from typing import Any
@@ -28,6 +33,7 @@ import torch
 from ray import serve
 
 from r2d3ray.config import RewardAppConfig
+from r2d3ray.errors import UserError
 from r2d3ray.serve.wire import GRAD_DTYPES, encode_grad, object_store_anchor
 
 # Rewards compute in a worker thread, and glibc gives each thread an arena that hands freed
@@ -41,6 +47,7 @@ REPLICA_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
 }
 logger = logging.getLogger(__name__)
+LOCK_NAMESPACE = "r2d3ray"  # named actors are per namespace, and every job has its own by default
 
 
 class RewardServer:
@@ -186,8 +193,40 @@ def build_app(cfg: RewardAppConfig):
     # The ingress only decodes and routes; it reserves no CPU so that it never blocks the rewards.
     return RewardsHTTP.options(name="http_ingress", ray_actor_options={"num_cpus": 0},
                                logging_config={"enable_access_log": cfg.http.access_log}).bind(
-        cfg.http.model_dump(), rewards, token_digest(token) if token else None
+        cfg.http.model_dump(), rewards, token_digest(token) if token else None, app_fingerprint(cfg)
     )
+
+
+def app_fingerprint(cfg: RewardAppConfig) -> dict:
+    """What an app serves, as jobs compare it: per deployment the reward, its class, its kwargs
+    (checkpoint paths included) and a hash of the source of the module defining it (the code
+    version: a job's uploaded copy of the code has no git history)."""
+    from r2d3ray.rewards.registry import reward_class
+
+    served = {}
+    for d in cfg.deployments:
+        cls = reward_class(d.reward)
+        source = inspect.getsource(sys.modules[cls.__module__])
+        served[d.name] = {"reward": d.reward, "class": f"{cls.__module__}.{cls.__qualname__}",
+                          "kwargs": json.loads(json.dumps(d.kwargs, sort_keys=True, default=str)),
+                          "code": hashlib.sha256(source.encode()).hexdigest()[:12]}
+    return {"deployments": served}
+
+
+def fingerprint_difference(running: dict, wanted: dict) -> list[str]:
+    """Human-readable differences between a running app's fingerprint and a config's."""
+    have, want = running.get("deployments", {}), wanted["deployments"]
+    lines = [f"deployment {n!r} is not served" for n in sorted(set(want) - set(have))]
+    for name in sorted(set(want) & set(have)):
+        for key in ("reward", "class", "kwargs", "code"):
+            if have[name].get(key) != want[name][key]:
+                what = "code version" if key == "code" else key
+                lines.append(f"deployment {name!r}: {what} {have[name].get(key)!r} running, {want[name][key]!r} configured")
+    return lines
+
+
+def running_fingerprint(app_name: str) -> dict:
+    return serve.get_app_handle(app_name).fingerprint.remote().result(timeout_s=60)
 
 
 def app_status(app_name: str) -> str | None:
@@ -196,30 +235,70 @@ def app_status(app_name: str) -> str | None:
     return None if app is None else str(app.status.value)
 
 
-def deploy_rewards(cfg: RewardAppConfig, reuse: bool = True, timeout_s: float = 600.0) -> bool:
-    """Deploy the reward app under `cfg.app_name`, or reuse one running under that name.
+class RewardAppMismatch(UserError, RuntimeError):
+    """A running reward app serves something other than the job's reward config."""
 
-    Needs a connected Ray. Returns True when it deployed, False when it reused a running app
-    (one that already has every configured deployment; redeploying it would restart replicas
-    other jobs are using). The app is detached: it outlives this driver while the cluster
-    lives, so other jobs reach it by name (handles) or over HTTP. HTTP host and port apply only
-    when this call starts Serve on the cluster; a running Serve keeps its own.
+
+def deploy_rewards(cfg: RewardAppConfig, reuse: bool = True, timeout_s: float = 600.0, owner: bool = False) -> bool:
+    """Deploy the reward app under `cfg.app_name`, or attach to the one running under that name.
+
+    Needs a connected Ray. Returns True when it deployed, False when it reused a running app.
+    The app is detached: it outlives this driver while the cluster lives, so other jobs reach it
+    by name (handles) or over HTTP. A running app is reused only when its fingerprint
+    (`app_fingerprint`) equals the config's; otherwise a training job (not the `owner`) stops with
+    `RewardAppMismatch` naming the difference, because redeploying would restart replicas other
+    jobs are using. The owner (`r2d3ray serve`, the serve job) updates the app instead. Two jobs
+    that find no app at once do not both deploy: the one holding the app's deploy lock does, the
+    other waits for it and attaches. HTTP host and port apply only when this call starts Serve on
+    the cluster; a running Serve keeps its own.
     """
     deadline = time.monotonic() + timeout_s
-    while reuse and app_status(cfg.app_name) == "DEPLOYING" and time.monotonic() < deadline:
-        time.sleep(1.0)  # another job is deploying it right now: wait rather than restart it
-    if reuse and app_status(cfg.app_name) == "RUNNING":
-        running = set(serve.status().applications[cfg.app_name].deployments)
-        missing = sorted({d.name for d in cfg.deployments} - running)
-        if not missing:
-            logger.info("reusing the running reward app %r (%s)", cfg.app_name, ", ".join(sorted(running)))
-            return False
-        logger.warning("reward app %r lacks deployments %s; redeploying it", cfg.app_name, missing)
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-    serve.run(
-        build_app(cfg),
-        name=cfg.app_name,
-        route_prefix=cfg.http.route_prefix if cfg.http.enabled else None,
-        blocking=False,
-    )
-    return True
+    wanted = app_fingerprint(cfg)
+    with _deploy_lock(cfg.app_name, deadline):
+        while reuse and app_status(cfg.app_name) == "DEPLOYING" and time.monotonic() < deadline:
+            time.sleep(1.0)  # its owner is updating it: wait rather than restart it
+        if reuse and app_status(cfg.app_name) == "RUNNING":
+            difference = fingerprint_difference(running_fingerprint(cfg.app_name), wanted)
+            if not difference:
+                logger.info("reusing the running reward app %r", cfg.app_name)
+                return False
+            if not owner:
+                raise RewardAppMismatch(
+                    f"the running reward app {cfg.app_name!r} serves something else than {'; '.join(difference)}; "
+                    "attach to it with the same reward app config, or deploy yours under another name "
+                    "(app_name in the reward app config and rewards.app_name in the run config)")
+            logger.warning("updating the reward app %r: %s", cfg.app_name, "; ".join(difference))
+        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+        serve.run(
+            build_app(cfg),
+            name=cfg.app_name,
+            route_prefix=cfg.http.route_prefix if cfg.http.enabled else None,
+            blocking=False,
+        )
+        return True
+
+
+@contextlib.contextmanager
+def _deploy_lock(app_name: str, deadline: float):
+    """Held while this driver checks and deploys the app: a named actor only one driver can create.
+    It belongs to the driver that made it, so a driver that dies mid-deploy releases it too."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class DeployLock:
+        pass
+
+    name = f"r2d3ray_deploy_lock_{app_name}"
+    while True:
+        try:
+            lock = DeployLock.options(name=name, namespace=LOCK_NAMESPACE).remote()
+            ray.get(lock.__ray_ready__.remote())
+            break
+        except ValueError:  # the name is taken: another driver is deploying
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"another job held the deploy lock of reward app {app_name!r} past the deadline")
+            time.sleep(1.0)
+    try:
+        yield
+    finally:
+        ray.kill(lock)

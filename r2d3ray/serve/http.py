@@ -243,13 +243,18 @@ _BODY = {"requestBody": {
 class RewardsHTTP:
     """Routes HTTP requests to the reward deployments through their handles."""
 
-    def __init__(self, limits: dict, rewards: dict, token_sha256: str | None = None):
+    def __init__(self, limits: dict, rewards: dict, token_sha256: str | None = None, fingerprint: dict | None = None):
         from r2d3ray.serve.wire import object_store_anchor
 
         self.limits = limits
         self.rewards = rewards  # name -> DeploymentHandle
+        self._fingerprint = fingerprint or {}
         self._anchor = object_store_anchor()
         api.state.token_sha256 = token_sha256  # read by require_token; one ingress per replica process
+
+    def fingerprint(self) -> dict:
+        """What the app serves (serve/deployments.py's `app_fingerprint`); jobs compare it by handle."""
+        return self._fingerprint
 
     @api.get(HEALTH_ROUTE)
     async def health(self) -> dict:

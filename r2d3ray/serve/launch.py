@@ -6,7 +6,8 @@
 On a cluster the app is detached: it stays up after this process exits, for the trainers and
 other jobs that reach it by name (Serve handles) or over HTTP. A local cluster lives only as long
 as this process, so the call blocks while the app serves. An app already running under the
-configured name is reused, not restarted.
+configured name is reused, not restarted, when it serves what the config names; otherwise this
+command, the app's owner, updates it (training jobs never do: they stop and name the difference).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def serve_main(config_path: str, overrides: list[str] | None = None, address: st
         print(f"error: no Ray cluster at address {address!r} ({err}); start one with `ray start --head` "
               "or pass --address local to run one in this process", file=sys.stderr)
         return 2
-    deployed = deploy_rewards(cfg)
+    deployed = deploy_rewards(cfg, owner=True)  # the serve job owns the app: it may update it
     names = ", ".join(d.name for d in cfg.deployments)
     print(f"reward app {cfg.app_name!r} {'deployed' if deployed else 'already running, reused'}: {names}")
     print("\n".join(endpoints(cfg)))

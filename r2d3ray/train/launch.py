@@ -305,7 +305,8 @@ def launch(cfg: R2D3Config, address: str | None = None, dry_run: bool = False, s
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from r2d3ray.serve.deployments import app_status, deploy_rewards
+    from r2d3ray.serve.deployments import (RewardAppMismatch, app_fingerprint, app_status, deploy_rewards,
+                                           fingerprint_difference, running_fingerprint)
     from r2d3ray.train.loop import train_loop_per_worker
 
     check_durable_locations(cfg)
@@ -317,13 +318,19 @@ def launch(cfg: R2D3Config, address: str | None = None, dry_run: bool = False, s
         print(f"WARNING: {warning}", flush=True)
     running = app_status(plan.app.app_name) == "RUNNING"
     if dry_run:
+        difference = running and fingerprint_difference(running_fingerprint(plan.app.app_name), app_fingerprint(plan.app))
+        if difference:
+            raise LaunchError(f"the running reward app {plan.app.app_name!r} serves something else than "
+                              f"{cfg.rewards.app_config}: {'; '.join(difference)}")
         print(plan.describe())
         print(f"  reward app {plan.app.app_name!r}: {'running, would be reused' if running else 'would be deployed'}")
         print("dry run: configuration, files and resources are fine; nothing was trained")
         return None
     try:
         if served_rewards:
-            deploy_rewards(plan.app, reuse=True)
+            deploy_rewards(plan.app, reuse=True)  # attach; deploy only where no app runs
+    except RewardAppMismatch as err:
+        raise LaunchError(f"reward endpoint: {err}") from None
     except Exception as err:
         raise LaunchError(f"reward endpoint: deploying Serve app {plan.app.app_name!r} from "
                           f"{cfg.rewards.app_config} failed: {err}") from err
