@@ -8,6 +8,7 @@ One local Ray instance serves the whole module. The reward app is deployed by th
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -19,11 +20,31 @@ import yaml
 
 from r2d3ray.config import load_config
 from r2d3ray.models.tiny import TinySplatGenerator
+from r2d3ray.rewards import RewardModel, register_reward
+from r2d3ray.rewards.toy import ColorAgreementReward
 from r2d3ray.train.launch import LaunchError, launch, with_absolute_paths
 
 pytestmark = pytest.mark.slow
 
 APP = "test_train_rewards"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@register_reward("rank_one_nan")
+class RankOneNaN(RewardModel):
+    """Test-only: color_match, but NaN on every view the rank-1 Train worker scores (in-process)."""
+
+    name = "rank_one_nan"
+
+    def __init__(self):
+        super().__init__()
+        self.color_match = ColorAgreementReward()
+
+    def forward(self, images, prompts, extras):
+        import ray.train
+
+        values = self.color_match.forward(images, prompts, extras)  # (B, V)
+        return values * float("nan") if ray.train.get_context().get_world_rank() == 1 else values
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +57,15 @@ def workspace(tmp_path_factory):
         "deployments": [
             {"name": "color_match", "reward": "color_match", "num_cpus": 0},
             {"name": "dnc", "reward": "dnc", "num_cpus": 0, "num_replicas": 2},
+            {"name": "rank_nan", "reward": "test_train:rank_one_nan", "num_cpus": 0},
         ],
         "http": {"enabled": False},
     }
     (root / "rewards.yaml").write_text(yaml.safe_dump(app))
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    # Workers import this module for `rank_one_nan`.
+    path = os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=4, include_dashboard=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": path}})
     yield root, model
     from ray import serve
 
@@ -201,6 +226,21 @@ def test_reward_replica_killed_mid_training_does_not_stop_training(workspace):
     watcher.join(timeout=1)
     assert killed
     assert checkpoint_state(result)["epoch"] == 3
+
+
+@pytest.mark.parametrize("algorithm", ["nabla", "nft"])
+def test_non_finite_rewards_on_one_rank_neither_hang_nor_diverge(workspace, algorithm):
+    """Rank 1's rewards are all NaN: its samples are masked, not dropped, so both ranks make the
+    same backward calls and DeepSpeed's collectives line up; the weights stay finite."""
+    import safetensors.torch
+
+    cfg = make_cfg(workspace, f"nan-rank1-{algorithm}", algorithm, "rewards.terms=[{name: rank_nan, weight: 1.0}]",
+                   "training.epochs=1")
+    result = launch(cfg, served_rewards=False)
+    ckpt = Path(result.checkpoint.path)
+    assert json.loads((ckpt / "state.json").read_text())["global_step"] == cfg.optimizer_steps_per_epoch()
+    weights = safetensors.torch.load_file(ckpt / "lora" / "pytorch_lora_weights.safetensors")
+    assert weights and all(w.isfinite().all() for w in weights.values())
 
 
 def test_dry_run_trains_nothing_and_bad_reward_name_is_named(workspace, capsys):
