@@ -2,6 +2,7 @@
 each module builds only on modules below it."""
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "r2d3ray"
@@ -60,3 +61,11 @@ def test_the_import_graph_has_no_cycle():
 def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_architecture_doc_names_files_that_exist():
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`((?:r2d3ray|jobs|configs|benchmarks|tests|docs)/[\w/.\-]+\.(?:py|yaml|md))`", doc))
+    assert len(named) > 30
+    missing = sorted(p for p in named if not (PACKAGE.parent / p).is_file())
+    assert not missing, f"docs/architecture.md names files that do not exist: {missing}"
