@@ -163,6 +163,10 @@ class AlgorithmConfig(Section):
 
 class TrainingConfig(Section):
     lr: float = Field(3e-4, gt=0.0, le=1.0)
+    # The learning rate over optimizer steps (diffusers' get_scheduler, as its training scripts):
+    # a linear warm-up over lr_warmup_steps, then constant, cosine or linear decay to 0 at the end.
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(1e-4, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     # Epochs that train. Nabla with stale trajectories first runs one sampling-only epoch (the
@@ -182,6 +186,7 @@ class TrainingConfig(Section):
     offload_params: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    checkpoints_to_keep: int = Field(3, ge=1, description="the newest checkpoints Ray Train keeps")
     # Where Ray Train keeps the run's checkpoints: a directory every node shares, or a URI
     # (s3://..., gs://...) handed to Ray unchanged. Empty: $R2D3RAY_STORAGE_PATH, else
     # <output_dir>/ray_results.
@@ -206,6 +211,8 @@ class TrackingConfig(Section):
     experiment: str = "r2d3ray"
     eval_prompts: list[str] = Field(default_factory=list)
     log_images_every: int = Field(1, ge=1)
+    # MLflow's system metrics (CPU, memory, GPU utilisation) beside the run's own, sampled by rank 0.
+    system_metrics: bool = False
 
 
 class PromptsConfig(Section):

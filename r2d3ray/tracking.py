@@ -65,8 +65,10 @@ class Tracker:
                 pass
         self.experiment_id = mlflow.set_experiment(experiment).experiment_id
 
-    def start(self, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None) -> str | None:
-        """Open a new run, or continue `run_id` (resume) so metrics land in the same run."""
+    def start(self, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None,
+              system_metrics: bool = False) -> str | None:
+        """Open a new run, or continue `run_id` (resume) so metrics land in the same run;
+        ``system_metrics`` also samples CPU, memory and GPU use into it (MLflow's monitor)."""
         if not self.active:
             return None
         if run_id is None:
@@ -76,7 +78,8 @@ class Tracker:
                 max_results=1, output_format="list",
             )
             run_id = found[0].info.run_id if found else None
-        run = self._mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags)
+        run = self._mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags,
+                                     log_system_metrics=system_metrics)
         self.run_id = run.info.run_id
         # A worker restarted from an older checkpoint than its last logged step redoes some steps;
         # their metrics are logged once only (the first time).

@@ -41,10 +41,9 @@ class RankOneNaN(RewardModel):
         self.color_match = ColorAgreementReward()
 
     def forward(self, images, prompts, extras):
-        import ray.train
-
         values = self.color_match.forward(images, prompts, extras)  # (B, V)
-        return values * float("nan") if ray.train.get_context().get_world_rank() == 1 else values
+        # Ray Train sets RANK in its workers; deployed on Serve (the module's app has it) it is color_match.
+        return values * float("nan") if os.environ.get("RANK") == "1" else values
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,9 @@ def workspace(tmp_path_factory):
     # Workers import this module for `rank_one_nan`.
     path = os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": path}})
+             # MLflow samples system metrics every 10 s by default, longer than a test run's life.
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": path,
+                                       "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"}})
     yield root, model
     from ray import serve
 
@@ -82,7 +83,8 @@ def make_cfg(workspace, name: str, algorithm: str, *extra: str):
         "render.size=16", "training.epochs=2", f"algorithm.name={algorithm}",
         "algorithm.nft.group_size=2", "algorithm.nabla.trajectories=fresh",
         # 2 trajectories per optimizer step in micro-batches of 1: DeepSpeed accumulates across micro-batches.
-        "training.gradient_accumulation_steps=2", "training.micro_batch_size=1", *extra,
+        "training.gradient_accumulation_steps=2", "training.micro_batch_size=1",
+        "rewards.terms=[{name: color_match, weight: 1.0}]", *extra,
     ])
 
 
@@ -226,6 +228,20 @@ def test_reward_replica_killed_mid_training_does_not_stop_training(workspace):
     watcher.join(timeout=1)
     assert killed
     assert checkpoint_state(result)["epoch"] == 3
+
+
+def test_learning_rate_schedule_checkpoint_retention_and_system_metrics(workspace):
+    """One optimizer step per epoch, 2 epochs: a linear schedule with 1 warm-up step is at lr after
+    the first step and at 0 after the last; only the newest checkpoint is kept."""
+    cfg = make_cfg(workspace, "schedule", "nabla", "training.lr_schedule=linear", "training.lr_warmup_steps=1",
+                   "training.checkpoints_to_keep=1", "tracking.system_metrics=true")
+    launch(cfg)
+    (run,) = mlflow_runs(cfg)
+    lr = {int(m.step): m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "lr")}
+    assert lr == {1: pytest.approx(cfg.training.lr), 2: 0.0}
+    run_dir = Path(with_absolute_paths(cfg).output_dir) / "ray_results" / cfg.name
+    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 1
+    assert any(key.startswith("system/") for key in run.data.metrics)
 
 
 @pytest.mark.parametrize("algorithm", ["nabla", "nft"])

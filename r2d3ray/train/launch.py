@@ -346,7 +346,7 @@ def launch(cfg: R2D3Config, address: str | None = None, dry_run: bool = False, s
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=RunConfig(name=cfg.name, storage_path=plan.storage_path,
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=3)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep)),
     )
     try:
         result = trainer.fit()

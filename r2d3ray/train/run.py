@@ -87,7 +87,7 @@ class TrainingRun:
         if checkpoint is not None:
             with checkpoint.as_directory() as path:
                 run_id = run._restore(Path(path))
-        run.tracker.start(cfg.name, run_id=run_id, tags={"algorithm": cfg.algorithm.name,
+        run.tracker.start(cfg.name, run_id=run_id, system_metrics=cfg.tracking.system_metrics, tags={"algorithm": cfg.algorithm.name,
                                                           "rewards": ",".join(t.name for t in cfg.rewards.terms)})
         run.tracker.log_params({**cfg.flat(), "git_commit": git_commit(Path(__file__).parent)})
         run.eval_prompts = cfg.tracking.eval_prompts or run.prompt_pool[:NUM_DEFAULT_EVAL_PROMPTS]
@@ -115,6 +115,7 @@ class TrainingRun:
 
     def _deepspeed_engine(self, micro_steps_per_update: int):
         import deepspeed
+        from diffusers.optimization import get_scheduler
 
         from r2d3ray.train.deepspeed_config import build_deepspeed_config
 
@@ -122,9 +123,13 @@ class TrainingRun:
         denoiser = self.pipeline.generator.denoiser
         params = [p for p in denoiser.parameters() if p.requires_grad]  # the policy adapter only
         optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+        # DeepSpeed steps the schedule with the optimizer and keeps its state in its checkpoints.
+        schedule = get_scheduler(t.lr_schedule if t.lr_schedule != "constant" else "constant_with_warmup", optimizer,
+                                 num_warmup_steps=t.lr_warmup_steps,
+                                 num_training_steps=t.epochs * self.cfg.optimizer_steps_per_epoch())
         ds_config = build_deepspeed_config(t, micro_steps_per_update)
         engine, _, _, _ = deepspeed.initialize(model=denoiser, optimizer=optimizer, model_parameters=params,
-                                               config=ds_config)
+                                               lr_scheduler=schedule, config=ds_config)
         return engine
 
     # ------------------------------------------------------------------ what the loop calls
