@@ -31,7 +31,7 @@ def local_run(tmp_path, *overrides: str) -> tuple[TrainingRun, list[str]]:
     cfg = load_config("configs/toy.yaml", [f"model.path={model}", "sampling.num_steps=5", "sampling.batch_size=2",
                                            "render.size=16", "algorithm.nabla.trajectories=fresh", "lora.rank=4",
                                            "training.gradient_accumulation_steps=2", "training.micro_batch_size=2",
-                                           *overrides])
+                                           "rewards.terms=[{name: color_match, weight: 1.0}]", *overrides])
     run = TrainingRun(cfg, rank=0, world_size=1)
     generator = load_generator(cfg)  # frozen, as the trainer loads it
     add_adapters(generator.denoiser, cfg)
