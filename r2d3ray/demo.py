@@ -3,9 +3,11 @@
 Local Ray, the embedded rewards deployed as a Serve app, a TorchTrainer with 2 CPU workers and
 DeepSpeed ZeRO-2 aligning the committed tiny prior with Nabla-R2D3, MLflow in a local sqlite store.
 It ends with what a user needs to judge the run: where the MLflow run is and how to open it,
-before/after pictures and PLY files, and on held-out prompts with the same seeds before and after,
-the reward gain with its standard error and the prompt fidelity (colour accuracy) of the prior
-before and after. The numbers also go to `demo_summary.json`.
+before/after pictures and PLY files, and, measured by ``eval.metrics.evaluate`` on the held-out
+prompts with the same seeds before and after: the reward and the share of its headroom closed
+(headroom: the reward of the world's ground-truth objects minus the base model's), silhouette IoU
+against the ground truth (which the trainer never optimises), colour accuracy, diversity and prior
+KID. The numbers also go to `demo_summary.json`.
 """
 
 from __future__ import annotations
@@ -17,68 +19,118 @@ from pathlib import Path
 
 import torch
 
-from r2d3ray.config import load_config
-from r2d3ray.eval.metrics import build_combined_reward, eval_cameras
-from r2d3ray.eval.prior import color_fidelity
+from r2d3ray.config import R2D3Config, load_config
+from r2d3ray.eval.metrics import RunSpec, build_combined_reward, eval_cameras, evaluate
 from r2d3ray.infer import build_pipeline, generate, write_outputs
 from r2d3ray.models.pipeline import render_views
-from r2d3ray.models.world import split_prompts
+from r2d3ray.models.world import parse_prompt, split_prompts
+from r2d3ray.rewards.critic_data import ground_truth_splats
 from r2d3ray.tracking import resolve_tracking_uri
 from r2d3ray.train.launch import launch
 
 PICTURE_PROMPTS = 4
+EVAL_BATCH_SIZE = 16
+# Diversity is the spread between one prompt's samples, so every held-out prompt gets two seeds.
+EVAL_SEEDS = 2
 
 
-def score_models(cfg, lora_dir: Path, prompts: list[str], seed: int) -> dict[str, torch.Tensor]:
-    """Per-object reward and colour fidelity of the base model and the aligned one, same seeds."""
+@torch.no_grad()
+def ground_truth_reward(cfg: R2D3Config, prompts: list[str]) -> torch.Tensor:
+    """Per prompt, the configured reward of the world's ground-truth object, rendered from the same
+    views as the evaluated samples: the score a perfect generator would reach."""
     reward = build_combined_reward(cfg)
     cameras = eval_cameras(cfg)
-    scores = {}
+    convention = build_pipeline(cfg).gaussian_convention
+    rewards = []
+    for start in range(0, len(prompts), EVAL_BATCH_SIZE):
+        chunk = prompts[start:start + EVAL_BATCH_SIZE]
+        views = render_views(ground_truth_splats([parse_prompt(p) for p in chunk]), cameras, reward.needs,
+                             gaussian_convention=convention)
+        rewards.append(reward.score(views["images"], chunk, views).rewards)
+    return torch.cat(rewards)
+
+
+def paired_gain(samples: list[dict], metric: str) -> torch.Tensor:
+    """Per (prompt, seed): the aligned model's ``metric`` minus the base model's (same noise)."""
+    by_run = {run: {(s["prompt"], s["seed"]): s[metric] for s in samples if s["run"] == run}
+              for run in ("base", "aligned")}
+    return torch.tensor([by_run["aligned"][key] - value for key, value in by_run["base"].items()], dtype=torch.float64)
+
+
+def write_pictures(cfg: R2D3Config, lora_dir: Path, prompts: list[str], seed: int) -> dict[str, list[Path]]:
+    """Grids and PLY files of the first held-out prompts before and after: the evaluated samples of
+    the first seed (``evaluate``'s first batch has this noise)."""
+    pictures = {}
     for label, lora in (("before", None), ("after", lora_dir)):
         pipe = build_pipeline(cfg, lora)
-        latents = generate(pipe, prompts, seed=seed, batch_size=16)
-        with torch.no_grad():
-            views = render_views(pipe.splats(latents), cameras, reward.needs, gaussian_convention=pipe.gaussian_convention)
-            scores[f"reward_{label}"] = reward.score(views["images"], prompts, views).rewards
-        scores[f"fidelity_{label}"] = color_fidelity(pipe.splats(latents), prompts)
-        pictures = write_outputs(pipe, prompts[:PICTURE_PROMPTS], latents[:PICTURE_PROMPTS],
-                                 Path(cfg.output_dir) / "demo" / label, size=128)
-        scores[f"pictures_{label}"] = pictures
-    return scores
+        latents = generate(pipe, prompts[:EVAL_BATCH_SIZE], seed=seed, batch_size=EVAL_BATCH_SIZE)
+        pictures[label] = write_outputs(pipe, prompts[:PICTURE_PROMPTS], latents[:PICTURE_PROMPTS],
+                                        Path(cfg.output_dir) / "demo" / label, size=128)
+    return pictures
 
 
 def run_demo(config: str = "configs/toy.yaml", overrides: list[str] | None = None) -> dict:
     started = time.monotonic()
     cfg = load_config(config, overrides)
+    if not any(o.partition("=")[0].strip() == "name" for o in overrides or []):
+        # Each demo is a run of its own, beside the earlier ones in MLflow: under the config's name it
+        # would resume the last demo's finished run and train nothing.
+        cfg = cfg.model_copy(update={"name": f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"})
     result = launch(cfg)
     if result is None or result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; nothing to evaluate")
     lora_dir = Path(result.checkpoint.path) / "lora"
 
     prompts = split_prompts("held_out")
-    scores = score_models(cfg, lora_dir, prompts, seed=cfg.training.seed + 12345)
-    gain = scores["reward_after"] - scores["reward_before"]  # paired: same prompts and seeds
+    first_seed = cfg.training.seed + 12345
+    seeds = list(range(first_seed, first_seed + EVAL_SEEDS))
+    evaluation = evaluate(cfg, [RunSpec("base"), RunSpec("aligned", lora_dir)], prompts, seeds,
+                          batch_size=EVAL_BATCH_SIZE, max_pictures=0)
+    before, after = evaluation.summary["base"], evaluation.summary["aligned"]
+    reward_gain, iou_gain = paired_gain(evaluation.samples, "reward"), paired_gain(evaluation.samples, "silhouette_iou")
+    reward_ground_truth = float(ground_truth_reward(cfg, prompts).mean())
+    headroom = reward_ground_truth - before["reward"][0]
     summary = {
-        "reward_before": float(scores["reward_before"].mean()),
-        "reward_after": float(scores["reward_after"].mean()),
-        "reward_gain_se": float(gain.std(unbiased=True) / math.sqrt(len(gain))),
-        "fidelity_before": float(scores["fidelity_before"].mean()),
-        "fidelity_after": float(scores["fidelity_after"].mean()),
+        "reward_before": before["reward"][0],
+        "reward_after": after["reward"][0],
+        "reward_gain_se": float(reward_gain.std() / math.sqrt(len(reward_gain))),
+        "reward_ground_truth": reward_ground_truth,
+        "headroom_closed": float(reward_gain.mean() / headroom),
+        "fidelity_before": before["color_accuracy"][0],
+        "fidelity_after": after["color_accuracy"][0],
+        "iou_before": before["silhouette_iou"][0],
+        "iou_after": after["silhouette_iou"][0],
+        "iou_gain_se": float(iou_gain.std() / math.sqrt(len(iou_gain))),
+        "diversity_before": before["diversity"][0],
+        "diversity_after": after["diversity"][0],
+        "prior_kid": after["prior_kid"][0],
+        "prior_kid_se": after["prior_kid"][1],
     }
+    pictures = write_pictures(cfg, lora_dir, prompts, first_seed)
     out = Path(cfg.output_dir)
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir)
+    terms = " + ".join(t.name if t.weight == 1 else f"{t.weight:g}·{t.name}" for t in cfg.rewards.terms)
     print("\n" + "=" * 78)
-    print(f"r2d3ray demo: {cfg.algorithm.name} on the tiny prior, {cfg.training.epochs} epochs, "
+    print(f"r2d3ray demo: {cfg.algorithm.name} on the tiny prior, reward {terms}, {cfg.training.epochs} epochs, "
           f"{time.monotonic() - started:.0f} s")
     print(f"MLflow store: {uri}  (experiment {cfg.tracking.experiment!r}, run {cfg.name!r})")
     print(f"  open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri}")
     print(f"checkpoint with the LoRA: {lora_dir}")
     for label in ("before", "after"):
-        print(f"{label:>6}: " + "  ".join(str(p) for p in scores[f"pictures_{label}"] if p.suffix == ".png"))
-    print(f"held-out prompts: {len(prompts)} x 1 seed, the same before and after")
-    print(f"  reward   {summary['reward_before']:.4f} -> {summary['reward_after']:.4f}  "
-          f"(gain {summary['reward_after'] - summary['reward_before']:+.4f} ± {summary['reward_gain_se']:.4f} s.e.)")
-    print(f"  colour accuracy (prompt fidelity)  {summary['fidelity_before']:.1%} -> {summary['fidelity_after']:.1%}")
+        print(f"{label:>6}: " + "  ".join(str(p) for p in pictures[label] if p.suffix == ".png"))
+    print(f"held-out prompts: {len(prompts)} x {len(seeds)} seeds, the same noise before and after"
+          f" (gains paired, ± one standard error)")
+    print(f"  reward                 {summary['reward_before']:8.4f} -> {summary['reward_after']:8.4f}  "
+          f"gain {reward_gain.mean():+.4f} ± {summary['reward_gain_se']:.4f}; ground truth {reward_ground_truth:.4f}, "
+          f"{summary['headroom_closed']:.1%} of the headroom closed")
+    print(f"  silhouette IoU         {summary['iou_before']:8.4f} -> {summary['iou_after']:8.4f}  "
+          f"gain {iou_gain.mean():+.4f} ± {summary['iou_gain_se']:.4f}  (not a training signal)")
+    print(f"  colour accuracy        {summary['fidelity_before']:8.1%} -> {summary['fidelity_after']:8.1%}")
+    print(f"  diversity              {summary['diversity_before']:8.4f} -> {summary['diversity_after']:8.4f}  "
+          f"({summary['diversity_after'] / summary['diversity_before']:.0%} of the base model's)")
+    print(f"  prior KID              {'':8} -> {summary['prior_kid']:8.4f} ± {summary['prior_kid_se']:.4f}  "
+          f"(0: indistinguishable from the base model)")
     print(f"summary: {out / 'demo_summary.json'}")
     return summary
