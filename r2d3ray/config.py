@@ -76,6 +76,8 @@ class RenderConfig(Section):
     azi_delta_deg: float = Field(20.0, ge=0.0, le=360.0)
     elevation_deg: float = Field(0.0, ge=-89.0, le=89.0)
     elevation_delta_deg: float = Field(10.0, ge=0.0, le=90.0)
+    # Background of the pictures and turntables `infer` writes. Rewards always see renders on white,
+    # the background every reward model here was made for.
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     # How splats become covariances: "gsplat" normalises the quaternion and dilates each 2D
     # covariance by 0.3 px² (gsplat's default); "diffsplat" builds the rotation from the raw
@@ -84,9 +86,9 @@ class RenderConfig(Section):
 
 
 class RewardTerm(Section):
+    # A deployment of the reward app config; the reward's own arguments live there, with it.
     name: str
     weight: float = 1.0
-    kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class RewardsConfig(Section):
