@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="align a generator with rewards (Ray Train + DeepSpeed, Serve rewards, MLflow)")
     add_config_args(train)
-    train.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    train.add_argument("--address", default=None,
+                       help="the Ray cluster, as everywhere in r2d3ray: 'auto' (a running one), 'local' (a new one "
+                            "in this process) or an address such as ray://head:10001; default: RAY_ADDRESS, else 'local'")
     train.add_argument("--dry-run", action="store_true",
                        help="check the config, the model's files, the prompts (and DiffSplat's prompt cache), "
                             "the reward app, the storage and the cluster's resources; train nothing")
@@ -233,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="deploy the reward plane (a Ray Serve app) and leave it running for other jobs")
     add_config_args(serve, what="YAML reward app config, e.g. configs/rewards_toy.yaml")
     serve.add_argument("--address", default="auto",
-                       help="'auto': a running cluster (deploy and return; the app stays up), "
-                            "'local': a cluster in this process (blocks until Ctrl-C), or a Ray address")
+                       help="the Ray cluster, as everywhere in r2d3ray: 'auto' (a running one: deploy and return, the "
+                            "app stays up; the default), 'local' (a new one in this process: blocks until Ctrl-C) "
+                            "or an address such as ray://head:10001")
     serve.set_defaults(func=cmd_serve)
 
     sample = sub.add_parser("sample", help="generate splats for prompts: a PLY and a multi-view grid PNG per prompt")
