@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
               "reference_seconds": reference_seconds, **loading,
               "relative_error": {str(t): e for t, e in errors.items()}, "tolerance": TOLERANCE[args.dtype],
               "passed": passed}
-    print(f"| weights | dtype | parameters | missing / unexpected keys | rel. error t=999 | t=500 | target |")
-    print(f"|---|---|---:|---|---:|---:|---|")
+    print("| weights | dtype | parameters | missing / unexpected keys | rel. error t=999 | t=500 | target |")
+    print("|---|---|---:|---|---:|---:|---|")
     print(f"| {result['weights']} | {args.dtype} | {loading['parameters']:,} | {len(loading['missing_keys'])} / "
           f"{len(loading['unexpected_keys'])} | {errors[999]:.2e} | {errors[500]:.2e} | ≤ {TOLERANCE[args.dtype]:g} "
           f"{'PASS' if passed else 'FAIL'} |")

@@ -1,5 +1,4 @@
 """The torch splat renderer against analytic cases, a brute-force reference and gradcheck."""
-import math
 
 import numpy as np
 import pytest
