@@ -17,19 +17,10 @@ from r2d3ray.models.diffsplat import (
 from r2d3ray.models.generator import CheckpointNotFoundError
 from r2d3ray.models.mv_attention import Float32LayerNorm, MVAttnProcessor
 from r2d3ray.models.schedulers import PIXART_SIGMA_SCHEDULER_CONFIG
+# the real classes at toy sizes (latent 8x8 per view, x8 VAE -> 64x64 splatter images)
+from r2d3ray.models.tiny_diffsplat import TINY_GSVAE_CONFIG, TINY_SDXL_VAE_CONFIG, TINY_TRANSFORMER_CONFIG
 from r2d3ray.render.cameras import default_rig, plucker_rays
 
-# the real classes at toy sizes (latent 8x8 per view, x8 VAE -> 64x64 splatter images)
-TRANSFORMER_CONFIG = dict(
-    num_attention_heads=2, attention_head_dim=8, in_channels=10, out_channels=8, num_layers=2, cross_attention_dim=16,
-    sample_size=8, patch_size=2, caption_channels=32, norm_type="ada_norm_single", use_additional_conditions=False,
-    interpolation_scale=1,
-)  # fmt: skip
-VAE_CONFIG = dict(
-    in_channels=12, out_channels=12, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-    norm_num_groups=4, scaling_factor=0.13025,
-)  # fmt: skip
 PROMPTS = ["", "a red car", "a wooden chair"]
 MAX_LENGTH = 12
 
@@ -46,8 +37,8 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("diffsplat")
     # saved as diffusers' own PixArt class, as a checkpoint of another class name would be
-    PixArtTransformer2DModel.from_config(TRANSFORMER_CONFIG).save_pretrained(root / "transformer")
-    AutoencoderKL(**VAE_CONFIG).save_pretrained(root / "gsvae")
+    PixArtTransformer2DModel.from_config(TINY_TRANSFORMER_CONFIG).save_pretrained(root / "transformer")
+    AutoencoderKL(**TINY_GSVAE_CONFIG).save_pretrained(root / "gsvae")
     DPMSolverMultistepScheduler.from_config({**PIXART_SIGMA_SCHEDULER_CONFIG, "solver_order": 2}).save_config(root / "scheduler")
     write_prompt_cache_shard(root / "prompt_cache", PROMPTS, *_cache_tensors(), encoder="toy-t5")
     return root
@@ -154,7 +145,7 @@ def test_save_pretrained_round_trip_and_lora(generator, tmp_path):
 
 def test_convert_gsvae_from_a_diffsplat_checkpoint(tmp_path):
     # DiffSplat's GSAutoencoderKL state: an SDXL-architecture VAE under "vae." (12-channel convs) + a tiny decoder
-    sdxl_like_config = {**VAE_CONFIG, "in_channels": 3, "out_channels": 3}
+    sdxl_like_config = dict(TINY_SDXL_VAE_CONFIG)
     gsvae = AutoencoderKL.from_config({**sdxl_like_config, "in_channels": 12, "out_channels": 12})
     state = {f"vae.{k}": v for k, v in gsvae.state_dict().items()}
     state["tiny_decoder.layers.0.weight"] = torch.zeros(3)

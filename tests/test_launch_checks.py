@@ -12,19 +12,9 @@ from r2d3ray.config import build_config
 from r2d3ray.models.diffsplat import write_prompt_cache_shard
 from r2d3ray.models.schedulers import PIXART_SIGMA_SCHEDULER_CONFIG
 from r2d3ray.models.tiny import TinySplatGenerator
+from r2d3ray.models.tiny_diffsplat import TINY_GSVAE_CONFIG, TINY_TRANSFORMER_CONFIG  # the real classes at toy sizes
 from r2d3ray.train.launch import ClusterCapacity, LaunchError, can_add_nodes, check_resources, make_plan
 
-# The real classes at toy sizes, as tests/test_diffsplat.py builds them.
-TRANSFORMER_CONFIG = dict(
-    num_attention_heads=2, attention_head_dim=8, in_channels=10, out_channels=8, num_layers=1, cross_attention_dim=16,
-    sample_size=8, patch_size=2, caption_channels=32, norm_type="ada_norm_single", use_additional_conditions=False,
-    interpolation_scale=1,
-)  # fmt: skip
-VAE_CONFIG = dict(
-    in_channels=12, out_channels=12, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-    norm_num_groups=4, scaling_factor=0.13025,
-)  # fmt: skip
 CACHED = ["", "a red car", "a wooden chair"]
 
 
@@ -32,8 +22,8 @@ CACHED = ["", "a red car", "a wooden chair"]
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
     model = root / "diffsplat"
-    PixArtTransformer2DModel.from_config(TRANSFORMER_CONFIG).save_pretrained(model / "transformer")
-    AutoencoderKL(**VAE_CONFIG).save_pretrained(model / "gsvae")
+    PixArtTransformer2DModel.from_config(TINY_TRANSFORMER_CONFIG).save_pretrained(model / "transformer")
+    AutoencoderKL(**TINY_GSVAE_CONFIG).save_pretrained(model / "gsvae")
     DPMSolverMultistepScheduler.from_config(PIXART_SIGMA_SCHEDULER_CONFIG).save_config(model / "scheduler")
     lengths = torch.tensor([1, 3, 4])
     mask = (torch.arange(6) < lengths[:, None]).long()  # (3, 6)

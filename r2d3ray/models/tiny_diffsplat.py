@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DPMSolverMultistepScheduler
 
+from r2d3ray.models.diffsplat import SPLATTER_CHANNELS
 from r2d3ray.models.mv_attention import PixArtTransformerMV2DModel
 from r2d3ray.models.prepare import GSVAE_CHECKPOINTS, TRANSFORMER_CHECKPOINTS
 from r2d3ray.models.schedulers import PIXART_SIGMA_SCHEDULER_CONFIG
@@ -34,6 +35,8 @@ TINY_SDXL_VAE_CONFIG = dict(
     up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
     norm_num_groups=4, sample_size=64, scaling_factor=0.13025,
 )  # fmt: skip
+# The GS-VAE: the SDXL VAE with 12-channel conv_in/conv_out for splatter images.
+TINY_GSVAE_CONFIG = {**TINY_SDXL_VAE_CONFIG, "in_channels": SPLATTER_CHANNELS, "out_channels": SPLATTER_CHANNELS}
 TINY_T5_CONFIG = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu")
 T5_EXTRA_IDS = 100  # T5's <extra_id_*> tokens, after the sentencepiece vocabulary
 TRANSFORMER_ITERATION, GSVAE_ITERATION = "013020", "039030"  # the released checkpoints' iterations
@@ -66,7 +69,7 @@ def write_tiny_release(root: str | os.PathLike, seed: int = 0, num_captions: int
 
     # GSAutoencoderKL: the SDXL VAE with 12-channel conv_in/conv_out under "vae.", and TAESD's
     # decoder with a 12-channel last conv under "tiny_decoder."; accelerate saves the module's state.
-    gsvae = AutoencoderKL.from_config({**TINY_SDXL_VAE_CONFIG, "in_channels": 12, "out_channels": 12})
+    gsvae = AutoencoderKL.from_config(TINY_GSVAE_CONFIG)
     tiny_decoder = AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
                                    num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4).decoder  # fmt: skip
     tiny_decoder.layers[-1] = torch.nn.Conv2d(tiny_decoder.layers[-1].in_channels, 12, kernel_size=3, padding=1)
