@@ -2,27 +2,14 @@
 run end to end through the project's code at tiny sizes, the CUDA stages report themselves skipped,
 and one stage's failure is reported without stopping the others."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-
-
-def _load_benchmark():
-    """The benchmark script as a module (benchmarks/ is not a package)."""
-    if "gpu_check" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("gpu_check", BENCHMARK)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["gpu_check"] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules["gpu_check"]
+from scripts import load_script
 
 
 def test_quick_mode_runs_the_cpu_stages_and_skips_the_cuda_ones(tmp_path, capsys):
-    gpu_check = _load_benchmark()
+    gpu_check = load_script("benchmarks/gpu_check.py", "gpu_check")
     out = tmp_path / "gpu_check.json"
     assert gpu_check.main(["--quick", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -52,7 +39,7 @@ def test_quick_mode_runs_the_cpu_stages_and_skips_the_cuda_ones(tmp_path, capsys
 
 
 def test_a_failing_stage_is_reported_and_the_rest_still_run(tmp_path, monkeypatch):
-    gpu_check = _load_benchmark()
+    gpu_check = load_script("benchmarks/gpu_check.py", "gpu_check")
 
     def broken(quick):
         raise RuntimeError("out of memory (simulated)")

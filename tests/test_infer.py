@@ -1,7 +1,6 @@
 """`r2d3ray infer` (and jobs/infer.py) on a tiny random-weight prior saved and loaded the real way."""
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from r2d3ray.eval.commands import register
 from r2d3ray.models.lora import add_lora_adapter, adapter_parameters, save_lora
 from r2d3ray.models.tiny import TinySplatGenerator
 from r2d3ray.splats import load_ply
+from scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # render size of the test config
@@ -125,9 +125,7 @@ def test_infer_errors_name_the_problem(tiny_run, tmp_path):
 def test_ray_job_writes_the_same_files_as_the_cli(tiny_run, tmp_path):
     import ray
 
-    spec = importlib.util.spec_from_file_location("jobs_infer", REPO / "jobs" / "infer.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_script("jobs/infer.py", "jobs_infer")
 
     assert run_command(infer_argv(tiny_run, tmp_path / "cli", "--frames", "2")) == 0
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -31,6 +31,7 @@ from r2d3ray.rewards import RewardModel, available_rewards, build_reward, regist
 from r2d3ray.serve.client import LocalRewards, RewardPlaneError, ServedRewards
 from r2d3ray.serve.deployments import app_status, deploy_rewards
 from r2d3ray.serve.http import encode_npy
+from scripts import load_script
 
 pytestmark = pytest.mark.slow
 
@@ -327,13 +328,9 @@ def test_bad_requests_fail_fast_and_missing_apps_are_named(plane):
 def test_serve_main_and_job_reuse_the_running_app(plane, capsys):
     from r2d3ray.serve.launch import serve_main
 
-    import importlib.util
-
     assert serve_main(str(ROOT / "configs/rewards_toy.yaml"), plane.overrides, address="auto") == 0
     assert "already running, reused" in capsys.readouterr().out
-    spec = importlib.util.spec_from_file_location("serve_rewards_job", ROOT / "jobs/serve_rewards.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_script("jobs/serve_rewards.py", "serve_rewards_job")
     args = ["--config", str(ROOT / "configs/rewards_toy.yaml")] + [x for o in plane.overrides for x in ("--set", o)]
     assert job.main(args) == 0
     assert "already running, reused" in capsys.readouterr().out

@@ -1,28 +1,15 @@
 """The toy alignment benchmark (quick budget): Nabla moves towards p* keeping every mode, NFT raises
 the reward, and the report files are written."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_alignment.py"
-
-
-def _load_benchmark():
-    """The benchmark script as a module (benchmarks/ is not a package)."""
-    if "toy_alignment" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("toy_alignment", BENCHMARK)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["toy_alignment"] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules["toy_alignment"]
+from scripts import load_script
 
 
 def test_exact_mixture_eps_is_the_noised_prior_score():
-    toy = _load_benchmark()
+    toy = load_script("benchmarks/toy_alignment.py", "toy_alignment")
     prior = toy.ring_prior()
     x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     alpha_bar = torch.full((5,), 0.3, dtype=torch.float64)
@@ -35,7 +22,7 @@ def test_exact_mixture_eps_is_the_noised_prior_score():
 
 
 def test_tilted_mixture_matches_reweighted_prior_on_a_grid():
-    toy = _load_benchmark()
+    toy = load_script("benchmarks/toy_alignment.py", "toy_alignment")
     prior = toy.ring_prior()
     target = prior.tilted(toy.BETA_TARGET, torch.tensor(toy.REWARD_CENTER), toy.REWARD_LENGTH)
     edges = torch.linspace(-4.5, 4.5, 301, dtype=torch.float64)
@@ -49,7 +36,7 @@ def test_tilted_mixture_matches_reweighted_prior_on_a_grid():
 
 
 def test_quick_run_nabla_approaches_target_keeping_modes_and_nft_raises_reward(tmp_path):
-    toy = _load_benchmark()
+    toy = load_script("benchmarks/toy_alignment.py", "toy_alignment")
     results = toy.run(tmp_path, quick=True)
     base, nabla, nft = results["base"], results["nabla"], results["nft"]
     assert nabla["kl_to_target"] < base["kl_to_target"]
