@@ -64,31 +64,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    import yaml
-
-    from r2d3ray.config import apply_overrides
+    from r2d3ray.config import read_options
     from r2d3ray.models.pretrain import pretrain
 
-    path = Path(args.config)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrain config {str(path)!r} does not exist; see configs/tiny_prior.yaml")
-    options = apply_overrides(yaml.safe_load(path.read_text()) or {}, args.overrides)
+    options = read_options(args.config, args.overrides, "pretrain config", "configs/tiny_prior.yaml")
     out = pretrain(options, args.out)
     print(f"wrote the tiny prior to {out}; check it with `r2d3ray eval-prior --model {out}`")
     return 0
 
 
 def cmd_train_critic(args: argparse.Namespace) -> int:
-    import yaml
-
-    from r2d3ray.config import apply_overrides
+    from r2d3ray.config import read_options
     from r2d3ray.eval.critic import format_report
     from r2d3ray.rewards.critic_train import train_critic
 
-    path = Path(args.config)
-    if not path.is_file():
-        raise FileNotFoundError(f"critic config {str(path)!r} does not exist; see configs/tiny_critic.yaml")
-    options = apply_overrides(yaml.safe_load(path.read_text()) or {}, args.overrides)
+    options = read_options(args.config, args.overrides, "critic config", "configs/tiny_critic.yaml")
     record = train_critic(options, args.out)
     print(format_report({"pairwise": record["held_out"]}))
     print(f"wrote the critic to {args.out} in {record['wall_time_s']:.0f} s; use it with "

@@ -367,6 +367,12 @@ def _read_yaml(path: str | Path, what: str, example: str) -> dict[str, Any]:
     return data
 
 
+def read_options(path: str | Path, overrides: list[str], what: str, example: str) -> dict[str, Any]:
+    """A YAML file of options with `key.path=value` overrides applied, for the commands whose options
+    a typed section of their own checks (pretraining, the critic, the reward app)."""
+    return apply_overrides(_read_yaml(path, what, example), list(overrides or []))
+
+
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """``update`` over ``base``, section by section (a list or value in ``update`` replaces the base's)."""
     merged = dict(base)
@@ -470,7 +476,7 @@ class RewardAppConfig(Section):
 
 def load_reward_app_config(path: str | Path, overrides: list[str] | None = None) -> RewardAppConfig:
     """Load configs/rewards*.yaml (the Serve app) with the same validation as run configs."""
-    data = apply_overrides(_read_yaml(path, "reward app config", "configs/rewards_toy.yaml"), list(overrides or []))
+    data = read_options(path, overrides, "reward app config", "configs/rewards_toy.yaml")
     try:
         return RewardAppConfig.model_validate(data)
     except ValidationError as err:
