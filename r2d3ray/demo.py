@@ -40,12 +40,11 @@ def ground_truth_reward(cfg: R2D3Config, prompts: list[str]) -> torch.Tensor:
     views as the evaluated samples: the score a perfect generator would reach."""
     reward = build_combined_reward(cfg)
     cameras = eval_cameras(cfg)
-    convention = build_pipeline(cfg).gaussian_convention
     rewards = []
     for start in range(0, len(prompts), EVAL_BATCH_SIZE):
         chunk = prompts[start:start + EVAL_BATCH_SIZE]
         views = render_views(ground_truth_splats([parse_prompt(p) for p in chunk]), cameras, reward.needs,
-                             gaussian_convention=convention)
+                             gaussian_convention=cfg.render.gaussian_convention)
         rewards.append(reward.score(views["images"], chunk, views).rewards)
     return torch.cat(rewards)
 

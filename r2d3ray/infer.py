@@ -26,7 +26,7 @@ from r2d3ray.config import R2D3Config, RenderConfig
 from r2d3ray.eval.prompts import read_prompts
 from r2d3ray.models.loading import check_on_device, load_generator, resolve_device
 from r2d3ray.models.lora import load_lora
-from r2d3ray.models.pipeline import SplatPipeline, render_views
+from r2d3ray.models.pipeline import SplatPipeline
 from r2d3ray.render.cameras import default_rig, jittered_rig
 from r2d3ray.render.pictures import save_grid_png, save_turntable_gif
 from r2d3ray.splats import save_ply
@@ -130,8 +130,8 @@ def infer_batch(pipe: SplatPipeline, prompts: list[str], batch_index: int, out_d
     else:
         cameras = default_rig(render.num_views, opts.size)
     cameras = cameras.to(pipe.generator.device)
-    views = render_views(splats, cameras, frozenset({"normals"}) if opts.vis_normal else frozenset(),
-                         background=render.background, gaussian_convention=pipe.gaussian_convention)
+    views = pipe.render_splats(splats, cameras, frozenset({"normals"}) if opts.vis_normal else frozenset(),
+                               background=render.background)
     written = []
     for i, prompt in enumerate(prompts):
         stem = f"{batch_index * opts.batch_size + i:04d}_{slugify(prompt)}" + (f"_{opts.tag}" if opts.tag else "")
@@ -172,7 +172,7 @@ def write_outputs(pipe: SplatPipeline, prompts: list[str], latents: torch.Tensor
         stem = slugify(prompt) + (f"_{tag}" if tag else "")
         one = splats[i]
         save_ply(out_dir / f"{stem}.ply", one)
-        save_grid_png(render_views(one, cameras, gaussian_convention=pipe.gaussian_convention)["images"], out_dir / f"{stem}.png")
+        save_grid_png(pipe.render_splats(one, cameras)["images"], out_dir / f"{stem}.png")
         written += [out_dir / f"{stem}.ply", out_dir / f"{stem}.png"]
     return written
 

@@ -42,7 +42,6 @@ from r2d3ray.eval.prior import color_fidelity
 from r2d3ray.eval.stats import mean_se
 from r2d3ray.infer import batch_generator, build_pipeline, check_prompts, resolve_lora
 from r2d3ray.models.lora import load_lora
-from r2d3ray.models.pipeline import render_views
 from r2d3ray.render.cameras import Cameras, default_rig
 from r2d3ray.rewards.registry import CombinedReward, build_reward
 
@@ -288,7 +287,7 @@ def evaluate(cfg: R2D3Config, runs: list[RunSpec], prompts: list[str], seeds: li
                 chunk = prompts[start:start + batch_size]
                 # Batch k of seed s has the noise of batch k of infer.generate(pipe, prompts, s, batch_size).
                 splats = pipe.splats(pipe.sample(chunk, batch_generator(seed, k)).final)
-                views = render_views(splats, cameras, needs, gaussian_convention=pipe.gaussian_convention)
+                views = pipe.render_splats(splats, cameras, needs)
                 extras = {k: views[k] for k in needs}
                 scored = reward.score(views["images"], chunk, extras)
                 metrics = {"reward": scored.rewards}

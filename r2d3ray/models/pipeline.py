@@ -115,7 +115,12 @@ class SplatPipeline:
     def render(self, latents: torch.Tensor, cameras: Cameras, needs: frozenset[str] = frozenset(),
                background=(1.0, 1.0, 1.0)) -> dict[str, torch.Tensor]:
         """Latents (B, V, C, h, w) -> views for the rewards, differentiable back to the latents."""
-        return render_views(self.splats(latents), cameras, needs, background, self.gaussian_convention)
+        return self.render_splats(self.splats(latents), cameras, needs, background)
+
+    def render_splats(self, splats: Splats, cameras: Cameras, needs: frozenset[str] = frozenset(),
+                      background=(1.0, 1.0, 1.0)) -> dict[str, torch.Tensor]:
+        """`render_views` in this pipeline's Gaussian convention."""
+        return render_views(splats, cameras, needs, background, self.gaussian_convention)
 
 
 def render_views(splats: Splats, cameras: Cameras, needs: frozenset[str] = frozenset(),

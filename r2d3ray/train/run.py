@@ -26,7 +26,7 @@ from r2d3ray.eval.prompts import training_prompts
 from r2d3ray.infer import write_outputs
 from r2d3ray.models.loading import check_on_device, load_generator
 from r2d3ray.models.lora import adapters_disabled, add_lora_adapter, load_lora, save_lora, use_adapter
-from r2d3ray.models.pipeline import Rollout, SplatPipeline, render_views
+from r2d3ray.models.pipeline import Rollout, SplatPipeline
 from r2d3ray.render.cameras import default_rig, jittered_rig
 from r2d3ray.render.pictures import grid_image
 from r2d3ray.tracking import Tracker, git_commit, resolve_tracking_uri
@@ -245,7 +245,7 @@ class TrainingRun:
     def eval_views(self, latents: torch.Tensor) -> torch.Tensor:
         """Default-rig renders (B, V, 3, H, W) of ``latents`` at the render size."""
         cameras = default_rig(self.pipeline.generator.num_views, self.cfg.render.size).to(self.pipeline.generator.device)
-        return render_views(self.pipeline.splats(latents), cameras, gaussian_convention=self.pipeline.gaussian_convention)["images"]
+        return self.pipeline.render(latents, cameras)["images"]
 
     def log_pictures(self, step: int) -> None:
         """MLflow image ``eval/base_vs_policy`` at ``step`` (epochs done): one row per evaluation
