@@ -130,6 +130,7 @@ def run(args) -> dict:
     import httpx
     import ray
 
+    from r2d3ray.rewards.combiner import CombinedReward, RewardCombiner
     from r2d3ray.serve.client import LocalRewards, ServedRewards
     from r2d3ray.serve.http import encode_npy
 
@@ -145,8 +146,9 @@ def run(args) -> dict:
     prompts = ["a red cube"] * args.batch
     cfg, url = start_plane(args)
     deployment = cfg.deployments[0]
-    local = LocalRewards({"convnet": (ConvNetReward(args.width, args.threads), 1.0)})
-    served = ServedRewards(cfg.app_name, [("convnet", 1.0)], grad_dtype=args.grad_dtype)
+    # Both planes as the trainer has them: the same combiner (all views, mean) around the reward.
+    local = LocalRewards(CombinedReward({"convnet": ConvNetReward(args.width, args.threads)}))
+    served = ServedRewards(cfg.app_name, RewardCombiner({"convnet": 1.0}), grad_dtype=args.grad_dtype)
     http = httpx.Client(base_url=url, timeout=300)
     wire = {"request": 0, "response": 0}
 
@@ -157,11 +159,12 @@ def run(args) -> dict:
         got = answer.json()
         wire["request"], wire["response"] = len(body), len(answer.content)
         grads = np.load(io.BytesIO(base64.b64decode(got["grad_npy"])), allow_pickle=False)
-        return torch.tensor(got["values"]), torch.from_numpy(grads)
+        # The per-view answer as the trainer's objective: the mean over views and its gradient.
+        return torch.tensor(got["values"]).mean(1), torch.from_numpy(grads) / args.views
 
     def call_client(client):
-        result = client.submit(images, prompts).result()
-        return result.values, result.grads
+        answer = client.submit({"images": images}, prompts).result()
+        return answer.rewards, answer.grads
 
     modes = {"in-process": lambda: call_client(local), "handle": lambda: call_client(served), "http": call_http}
     modes = {name: call for name, call in modes.items() if name == "in-process" or name in args.modes}

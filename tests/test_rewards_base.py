@@ -1,16 +1,19 @@
-"""The reward interface (validation, float32, gradients, non-finite handling), the registry and
-CombinedReward (weights, aggregation, memory-efficient views, noise)."""
+"""The reward interface (validation, float32, gradients, non-finite handling), the registry, building
+an app config's rewards, and the combiner (weights, aggregation, memory-efficient views, noise)."""
 
 import pytest
 import torch
 
+from r2d3ray.config import ConfigError, load_reward_app_config
 from r2d3ray.rewards import (
     CombinedReward,
     NonFiniteRewardError,
+    RewardCombiner,
     RewardModel,
     available_rewards,
     build_reward,
     register_reward,
+    rewards_from_app_config,
 )
 
 
@@ -176,7 +179,7 @@ def test_registry_builds_known_names_and_lists_them_for_unknown_ones():
     register_reward("test_contrast")(Contrast)
     assert isinstance(build_reward("test_contrast"), Contrast)
     assert type(build_reward("color_match")).__name__ == "ColorAgreementReward"  # imported on demand
-    with pytest.raises(ValueError, match=r"unknown reward 'hsp'; known rewards: aesthetic, .*color_match, .*dnc, hps, imagereward"):
+    with pytest.raises(ValueError, match=r"unknown reward 'hsp'; known rewards: aesthetic, .*color_match, .*dnc, .*hps, imagereward"):
         build_reward("hsp")
     with pytest.raises(ValueError, match="already registered"):
         register_reward("test_contrast")(Brightness)
@@ -318,3 +321,47 @@ def test_combined_from_config_terms_and_bad_arguments():
         CombinedReward({"b": Brightness()}, views_per_sample=-1)
     with pytest.raises(ValueError, match="rewards is empty"):
         CombinedReward({})
+
+
+def test_combined_view_with_a_non_finite_gradient_makes_its_object_untrusted(gen):
+    """A view whose value is finite but whose gradient is not: the reward zeroes that gradient and
+    flags the view, and the combined answer trusts no part of that object."""
+
+    class SqrtDistance(RewardModel):  # sqrt(|x - 0.5|) summed: an infinite gradient at exactly 0.5
+        name = "sqrt_distance"
+
+        def forward(self, images, prompts, extras):
+            return (images - 0.5).abs().sqrt().mean((2, 3, 4))
+
+    images = torch.rand(2, 2, 3, 4, 4, generator=gen)
+    images[1, 0, 0, 0, 0] = 0.5
+    with pytest.warns(RuntimeWarning):
+        out = CombinedReward({"s": SqrtDistance()}).score(images, ["a", "b"], with_grad=True)
+    assert torch.isfinite(out.rewards).all() and out.finite.tolist() == [True, False]
+    assert (out.grads[1] == 0).all() and (out.grads[0] != 0).any()
+    with pytest.raises(NonFiniteRewardError, match=r"objects \[1\].*none \(a gradient\)"):
+        out.check_finite()
+
+
+def test_selecting_every_view_without_noise_passes_the_tensors_themselves(gen):
+    images = torch.rand(2, 3, 3, 4, 4, generator=gen)
+    alphas = torch.rand(2, 3, 1, 4, 4, generator=gen)
+    combiner = RewardCombiner({"a": 1.0}, needs=frozenset({"alphas"}))
+    selection = combiner.select(images, ["x", "y"], {"alphas": alphas, "depths": alphas})
+    assert selection.images is images and selection.extras == {"alphas": alphas}  # no copy, unread extras dropped
+    assert selection.all_views and selection.views.tolist() == [[0, 1, 2]] * 2
+    noisy = RewardCombiner({"a": 1.0}, noise_std=1e-3).select(images, ["x", "y"], None)
+    assert noisy.images is not images and noisy.all_views
+
+
+def test_rewards_from_app_config_builds_the_named_deployments(tmp_path):
+    app = tmp_path / "rewards.yaml"
+    app.write_text("deployments:\n"
+                   "  - {name: colors, reward: color_match, kwargs: {sigma: 0.4}}\n"
+                   "  - {name: vivid, reward: colorfulness}\n")
+    rewards = rewards_from_app_config(app, ["colors"])
+    assert list(rewards) == ["colors"] and rewards["colors"].sigma == 0.4 and not rewards["colors"].training
+    assert list(rewards_from_app_config(load_reward_app_config(app), device="cpu")) == ["colors", "vivid"]
+    with pytest.raises(ConfigError, match=r"rewards.terms name \['hps'\], which the reward app .* does not define "
+                                          r"\(it has: colors, vivid\)"):
+        rewards_from_app_config(app, ["colors", "hps"])

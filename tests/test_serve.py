@@ -27,7 +27,9 @@ import ray
 from ray import serve
 from r2d3ray.config import RewardDeploymentConfig, load_reward_app_config
 from r2d3ray.models.world import all_prompts
-from r2d3ray.rewards import RewardModel, available_rewards, build_reward, register_reward
+from r2d3ray.rewards import (CombinedReward, RewardCombiner, RewardModel, available_rewards, build_reward,
+                             register_reward)
+from r2d3ray.rewards.registry import reward_class
 from r2d3ray.serve.client import LocalRewards, RewardPlaneError, ServedRewards
 from r2d3ray.serve.deployments import app_status, deploy_rewards
 from r2d3ray.serve.http import encode_npy
@@ -90,8 +92,17 @@ def sample_batch(b: int = 2, v: int = 3, size: int = 32, seed: int = 0):
     return images, all_prompts()[:b], extras
 
 
-def local_rewards(terms) -> LocalRewards:
-    return LocalRewards({name: (build_reward(name), weight) for name, weight in terms})
+def local_rewards(terms, **combining) -> LocalRewards:
+    """In-process rewards of `terms` [(registered name, weight)]; `combining` goes to CombinedReward."""
+    return LocalRewards(CombinedReward({name: build_reward(name) for name, _ in terms}, dict(terms), **combining))
+
+
+def served_rewards(plane, terms, combining: dict | None = None, **options) -> ServedRewards:
+    """The trainer's client of `terms` [(deployment name, weight)] of the test app, as the trainer
+    builds it (the combiner reads the extras the deployments' rewards need); `options` go to ServedRewards."""
+    rewards = {d.name: d.reward for d in plane.cfg.deployments}
+    needs = frozenset().union(*(reward_class(rewards[name]).needs for name, _ in terms))
+    return ServedRewards(plane.cfg.app_name, RewardCombiner(dict(terms), needs=needs, **(combining or {})), **options)
 
 
 @pytest.fixture(scope="module")
@@ -128,16 +139,27 @@ def test_reward_app_configs_name_registered_rewards():
 
 def test_handle_round_trip_matches_in_process(plane):
     images, prompts, extras = sample_batch()
-    served = ServedRewards(plane.cfg.app_name, TOY_TERMS).submit(images, prompts, extras).result()
-    local = local_rewards(TOY_TERMS).submit(images, prompts, extras).result()
+    views = {"images": images, **extras}
+    served = served_rewards(plane, TOY_TERMS).submit(views, prompts).result()
+    local = local_rewards(TOY_TERMS).submit(views, prompts).result()
     for name, _ in TOY_TERMS:
-        torch.testing.assert_close(served.per_term[name], local.per_term[name], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(served.values, local.values, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(served.components[name], local.components[name], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(served.rewards, local.rewards, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(served.grads, local.grads, rtol=1e-5, atol=1e-9)
     assert sorted(served.extra_grads) == ["depths", "normals"]
     for key in served.extra_grads:
         torch.testing.assert_close(served.extra_grads[key], local.extra_grads[key], rtol=1e-5, atol=1e-9)
     assert served.finite.all() and served.grads.abs().sum() > 0
+
+    # Two random views of three per object, drawn by the trainer's combiner: only those travel, and
+    # the answer scatters back to all three as in-process.
+    combining = {"views_per_sample": 2, "seed": 5}
+    served = served_rewards(plane, TOY_TERMS, combining).submit(views, prompts).result()
+    local = local_rewards(TOY_TERMS, **combining).submit(views, prompts).result()
+    assert torch.equal(served.scored, local.scored) and served.scored.sum(1).tolist() == [2, 2]
+    torch.testing.assert_close(served.rewards, local.rewards, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(served.grads, local.grads, rtol=1e-5, atol=1e-9)
+    assert (served.grads[~served.scored] == 0).all()
 
 
 @pytest.mark.parametrize(
@@ -149,9 +171,9 @@ def test_reduced_precision_gradients_round_trip(plane, grad_dtype, wire_dtype, r
     wire = handle.score.remote(images.numpy(), prompts, {}, True, grad_dtype).result()
     assert wire["grads"].dtype == wire_dtype and wire["grads"].shape == images.shape
 
-    served = ServedRewards(plane.cfg.app_name, [("color_match", 1.0)], grad_dtype=grad_dtype)
-    got = served.submit(images, prompts).result().grads
-    want = build_reward("color_match").score(images, prompts, with_grad=True).grads
+    served = served_rewards(plane, [("color_match", 1.0)], grad_dtype=grad_dtype)
+    got = served.submit({"images": images}, prompts).result().grads
+    want = local_rewards([("color_match", 1.0)]).submit({"images": images}, prompts).result().grads
     assert got.dtype == torch.float32
     # Rounding to the nearest representable value; float16 also flushes below its subnormals.
     assert ((got - want).abs() <= rel * want.abs() + 2**-24).all()
@@ -163,11 +185,14 @@ def _train_loop(config):
 
     import ray.train
 
+    from r2d3ray.rewards.combiner import RewardCombiner
     from r2d3ray.serve.client import ServedRewards
 
     images = torch.tensor(config["images"])
-    result = ServedRewards(config["app_name"], [("color_match", 1.0)]).submit(images, config["prompts"]).result()
-    metrics = {"values": result.values.tolist(), "grad_sum": float(result.grads.double().sum())}
+    plane = ServedRewards(config["app_name"], RewardCombiner({"color_match": 1.0}))
+    answer = plane.submit({"images": images}, config["prompts"]).result()
+    metrics = {"values": answer.components["color_match"].tolist(), "rewards": answer.rewards.tolist(),
+               "grad_sum": float(answer.grads.double().sum())}
     # Ray Train V2 keeps the metrics of reports that carry a checkpoint (Result.metrics).
     with tempfile.TemporaryDirectory() as checkpoint_dir:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
@@ -187,7 +212,9 @@ def test_handle_round_trip_from_a_train_worker(plane, tmp_path):
     metrics = trainer.fit().metrics
     want = build_reward("color_match").score(images, prompts, with_grad=True)
     torch.testing.assert_close(torch.tensor(metrics["values"]), want.values, rtol=1e-5, atol=1e-7)
-    assert metrics["grad_sum"] == pytest.approx(float(want.grads.double().sum()), rel=1e-5)
+    torch.testing.assert_close(torch.tensor(metrics["rewards"]), want.values.mean(1), rtol=1e-5, atol=1e-7)
+    views = images.shape[1]  # the objective is the mean over views
+    assert metrics["grad_sum"] == pytest.approx(float(want.grads.double().sum()) / views, rel=1e-5)
 
 
 def _png(image: np.ndarray) -> str:
@@ -285,27 +312,78 @@ def test_http_bad_inputs_get_4xx_and_the_server_keeps_serving(plane, tmp_path):
 
 
 def test_requests_that_queue_behind_a_forward_are_merged_into_the_next(plane):
-    client = ServedRewards(plane.cfg.app_name, [("batch_size", 1.0)])
+    client = served_rewards(plane, [("batch_size", 1.0)])
     images, prompts, _ = sample_batch(b=1, v=2, size=8)
-    first = client.submit(images, prompts, with_grad=False)
+    first = client.submit({"images": images}, prompts, with_grad=False)
     time.sleep(0.2)  # the replica is in the middle of the first request's 0.5 s forward
-    queued = [client.submit(images, prompts, with_grad=False) for _ in range(3)]
-    assert first.result().values.flatten().tolist() == [1.0, 1.0]
+    queued = [client.submit({"images": images}, prompts, with_grad=False) for _ in range(3)]
+    assert first.result().components["batch_size"].flatten().tolist() == [1.0, 1.0]
     for pending in queued:  # one forward of the three objects waiting, not three forwards of one
-        assert pending.result().values.flatten().tolist() == [3.0, 3.0]
+        assert pending.result().components["batch_size"].flatten().tolist() == [3.0, 3.0]
+
+
+def test_merged_requests_keep_their_own_answers(plane):
+    """Requests merged into one forward (rows of one batch on the reward's device) each get their own
+    values, and gradients in their own dtype, as if scored alone. Arrays come from the object store
+    (read-only), as a replica receives them."""
+    from r2d3ray.serve.deployments import RewardServer
+    from r2d3ray.serve.wire import decode_grad
+
+    server = RewardServer("color_match", {}, max_batch_size=8, batch_wait_timeout_s=0.0)
+    requests = [sample_batch(b=b, v=2, size=8, seed=20 + b) for b in (1, 2, 1)]
+    images = [ray.get(ray.put(batch[0].numpy())) for batch in requests]
+    assert not images[0].flags.writeable
+    dtypes = ["float32", "bfloat16", "float32"]
+    answers = server._score_group(images, [batch[1] for batch in requests], [{}, {}, {}], [True, True, False], dtypes)
+    for (batch_images, prompts, _), answer, dtype, with_grad in zip(requests, answers, dtypes, [True, True, False]):
+        want = build_reward("color_match").score(batch_images, prompts, with_grad=True)
+        torch.testing.assert_close(torch.from_numpy(answer["values"]), want.values, rtol=1e-5, atol=1e-7)
+        if not with_grad:
+            assert answer["grads"] is None
+            continue
+        rel = 2**-8 if dtype == "bfloat16" else 1e-5
+        got = decode_grad(answer["grads"], dtype)
+        assert got.shape == batch_images.shape and ((got - want.grads).abs() <= rel * want.grads.abs() + 1e-12).all()
+
+
+def test_gradients_are_decoded_without_a_host_copy(plane):
+    """A float32 gradient read from the object store is used in place (read-only shared memory, which
+    the combiner only reads); bfloat16 bit patterns are reinterpreted, then widened exactly."""
+    import warnings
+
+    from r2d3ray.serve.wire import decode_grad, encode_grad
+
+    grad = torch.randn(2, 3, 3, 8, 8)
+    received = ray.get(ray.put(encode_grad(grad, "float32")))
+    assert not received.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's not-writable warning is expected and silenced
+        decoded = decode_grad(received, "float32")
+    assert decoded.data_ptr() == received.ctypes.data and torch.equal(decoded, grad)
+    as_bf16 = grad.to(torch.bfloat16)
+    decoded = decode_grad(ray.get(ray.put(encode_grad(grad, "bfloat16"))), "bfloat16")
+    assert decoded.dtype == torch.float32 and torch.equal(decoded, as_bf16.float())
 
 
 def test_non_finite_rewards_are_flagged_with_zero_gradient(plane):
     images, prompts, _ = sample_batch(seed=5)
-    result = ServedRewards(plane.cfg.app_name, [("probe", 1.0)]).submit(images, prompts).result()
     want = ProbeReward(PROBE_NAN_VIEWS).score(images, prompts, with_grad=True)
     nan = torch.zeros(images.shape[1], dtype=torch.bool)
     nan[PROBE_NAN_VIEWS] = True
-    assert torch.equal(result.finite, ~nan.expand(images.shape[0], -1))
-    assert result.values[:, nan].isnan().all()
-    torch.testing.assert_close(result.values[:, ~nan], want.values[:, ~nan])
-    assert (result.grads[:, nan] == 0).all() and (result.grads[:, ~nan] != 0).all()
-    torch.testing.assert_close(result.grads, want.grads)
+    # The deployment's own answer: per view, flagged and with zero gradient where NaN.
+    handle = serve.get_deployment_handle("probe", app_name=plane.cfg.app_name)
+    wire = handle.score.remote(images.numpy(), prompts, {}, True, "float32").result()
+    assert torch.equal(torch.from_numpy(wire["finite"]), ~nan.expand(images.shape[0], -1))
+    values, grads = torch.from_numpy(wire["values"]), torch.from_numpy(wire["grads"].copy())
+    assert values[:, nan].isnan().all()
+    torch.testing.assert_close(values[:, ~nan], want.values[:, ~nan])
+    assert (grads[:, nan] == 0).all() and (grads[:, ~nan] != 0).all()
+    torch.testing.assert_close(grads, want.grads)
+    # The trainer's answer: every object has a NaN view, so none is trusted and none has a gradient.
+    answer = served_rewards(plane, [("probe", 1.0)]).submit({"images": images}, prompts).result()
+    assert not answer.finite.any() and (answer.grads == 0).all()
+    assert answer.components["probe"][:, nan].isnan().all()
+    torch.testing.assert_close(answer.components["probe"][:, ~nan], want.values[:, ~nan])
 
     with httpx.Client(base_url=plane.url, timeout=60) as http:
         body = {"prompts": prompts, "images_npy": encode_npy(images[:, :2].numpy()), "with_grad": True}
@@ -317,12 +395,15 @@ def test_non_finite_rewards_are_flagged_with_zero_gradient(plane):
 
 def test_bad_requests_fail_fast_and_missing_apps_are_named(plane):
     images, prompts, _ = sample_batch()
-    pending = ServedRewards(plane.cfg.app_name, [("color_match", 1.0)]).submit(images, prompts[:1])
-    with pytest.raises(ValueError, match="prompts must be a list of B=2"):
+    client = served_rewards(plane, [("color_match", 1.0)])
+    with pytest.raises(ValueError, match="prompts must be a list of B=2"):  # checked before sending
+        client.submit({"images": images}, prompts[:1])
+    pending = client.submit({"images": images}, ["a red spaceship", prompts[1]])  # the reward rejects it
+    with pytest.raises(ValueError, match="reward 'color_match': .*spaceship"):
         pending.result()
     assert pending.attempts == {"color_match": 1}
     with pytest.raises(RewardPlaneError, match="no_such_app"):
-        ServedRewards("no_such_app", [("color_match", 1.0)])
+        ServedRewards("no_such_app", RewardCombiner({"color_match": 1.0}))
 
 
 def test_serve_main_and_job_reuse_the_running_app(plane, capsys):
@@ -409,9 +490,9 @@ def test_a_running_app_is_attached_only_when_it_serves_the_same_thing(plane):
 def test_a_request_past_its_deadline_is_retried_until_the_budget_ends(plane):
     """The `batch_size` reward takes 0.5 s; with a 0.1 s deadline every attempt times out, is
     cancelled and re-sent, and once the 1 s budget is spent the error names the reward and deadlines."""
-    client = ServedRewards(plane.cfg.app_name, [("batch_size", 1.0)], timeout_s=0.1, retry_budget_s=1.0, backoff_s=0.05)
+    client = served_rewards(plane, [("batch_size", 1.0)], timeout_s=0.1, retry_budget_s=1.0, backoff_s=0.05)
     images, prompts, _ = sample_batch(b=1, v=1, size=8)
-    pending = client.submit(images, prompts, with_grad=False)
+    pending = client.submit({"images": images}, prompts, with_grad=False)
     started = time.monotonic()
     with pytest.raises(RewardPlaneError, match="reward 'batch_size'.*retry budget of 1 s.*at most 0.1 s each"):
         pending.result()
@@ -420,9 +501,9 @@ def test_a_request_past_its_deadline_is_retried_until_the_budget_ends(plane):
 
 def test_a_replica_killed_mid_stream_loses_no_request(plane):
     """Runs last: it kills one of the two `probe` replicas while 12 requests are in flight."""
-    client = ServedRewards(plane.cfg.app_name, [("probe", 1.0)], timeout_s=60, retry_budget_s=120, backoff_s=0.2)
+    client = served_rewards(plane, [("probe", 1.0)], timeout_s=60, retry_budget_s=120, backoff_s=0.2)
     batches = [sample_batch(b=1, v=2, size=8, seed=10 + i) for i in range(12)]
-    pending = [client.submit(images, prompts) for images, prompts, _ in batches]
+    pending = [client.submit({"images": images}, prompts) for images, prompts, _ in batches]
     time.sleep(0.3)  # the stream is under way: each replica answers one request per 0.1 s
     replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith(f"SERVE_REPLICA::{plane.cfg.app_name}#probe#")]
@@ -431,5 +512,5 @@ def test_a_replica_killed_mid_stream_loses_no_request(plane):
     results = [p.result() for p in pending]
     for (images, prompts, _), result in zip(batches, results):
         want = ProbeReward(PROBE_NAN_VIEWS).score(images, prompts).values
-        torch.testing.assert_close(result.values, want, equal_nan=True)
+        torch.testing.assert_close(result.components["probe"], want, equal_nan=True)
     assert sum(p.attempts["probe"] > 1 for p in pending) >= 1  # some requests were on the killed replica
