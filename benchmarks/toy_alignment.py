@@ -10,15 +10,17 @@ component sits to c), so its bin masses are exact: mode weights go from 1/6 each
 
 The policy is ε_θ(x, t) = ε*(x, t) + a small residual MLP (one per sampler timestep, see
 :class:`StepwiseMLP`) whose output layer starts at zero (LoRA's B = 0 init); "disabling the adapter"
-switches the residual off and gives the prior back. All methods share the sampler
-(``r2d3ray.models.schedulers``: SDE-DPM-Solver++; ODE DPM-Solver++ for NFT's data), the
-parameterisation, Adam (lr 3e-3, grad-norm clip 1.0, one step per epoch of 128 samples) and an
-identity renderer (images = x̂0), so the algorithms' own loss code runs unchanged:
+switches the residual off and gives the prior back. Every method trains with the trainer's own code:
+the algorithm classes of ``r2d3ray/train/updates.py`` driven by a ``TrainingRun`` over the toy policy
+(:class:`ToyPolicy`), the trainer's sampler (SDE-DPM-Solver++; ODE DPM-Solver++ for NFT's data), an
+identity renderer (images = x̂0), an in-process reward plane and a local optimizer engine (AdamW without
+decay, lr 3e-3, grad-norm clip 1.0, one optimizer step per epoch of 128 trajectories; GRPO four):
 
 - ``nabla``: Nabla-R2D3 as shipped (forward residual ∇-DB, forward-looking reward gradient with the
   ×ᾱ weighting, stale trajectories), β = β_target.
-- ``nabla_gfn``: the full ∇-GFlowNet (learned residual flow gradient, reverse and terminal losses).
+- ``nabla_no_alpha_weighting``: the same with ``reward_adaptive_scaling="off"`` (the ablation).
 - ``nft``: DiffusionNFT (reference defaults) on ODE samples of the old policy.
+- ``grpo``: GRPO (group-relative advantages, clipped ratio, KL 0.04 to the reference).
 - ``reward_backprop``: DRaFT-K with K = 1, reported as is (it has no prior-preserving term; with
   per-step adapters only the last step's adapter learns).
 
@@ -26,18 +28,14 @@ The sampler takes 50 steps, not the reference's 20: with 20 first-order SDE step
 itself is visibly sharper than p (KL(p ‖ base) ≈ 0.13 against ≈ 0.04 with 50 steps), which would
 hide how close a method gets to p*.
 
-Each row reports the mean reward, KL(p* ‖ q) on a grid (q: the smoothed histogram of the method's
-samples, so a lost mode costs a lot), and how many prior modes keep at least 2% of the samples
-(nearest-mode assignment). ``base`` is the untouched prior through the same sampler; ``target_exact``
-is exact samples of p*, i.e. the metric's noise floor.
+Each row reports, as mean ± standard error over seeds, the mean reward, KL(p* ‖ q) on a grid (q: the
+smoothed histogram of the method's samples, so a lost mode costs a lot), and how many prior modes
+keep at least 2% of the samples (nearest-mode assignment); learning curves every 20 epochs.
+``base`` is the untouched prior through the same sampler; ``target_exact`` is exact samples of p*,
+i.e. the metric's noise floor. Results and what they show: benchmarks/README.md.
 
-What to expect (full run): both Nabla variants move towards p* (KL about 0.25 → 0.15, floor 0.02)
-and keep all six modes; the ×ᾱ weighting under-tilts the early, mode-choosing steps, so they stop
-short of p* (``reward_adaptive_scaling="off"`` gets closer on this toy). NFT and reward backprop have
-no fixed point at p*: they push the reward towards its maximum and collapse onto c.
-
-Usage: ``python benchmarks/toy_alignment.py --out DIR [--quick]``; or ``run(out_dir, quick=False)``.
-Writes ``toy_alignment.json`` and ``toy_alignment.png`` to DIR.
+Usage: ``python benchmarks/toy_alignment.py --out DIR [--quick] [--seeds 3]``; or ``run(out_dir, quick, seeds)``.
+Writes ``toy_alignment.json``, ``toy_alignment.png`` (samples) and ``toy_alignment_curves.png`` to DIR.
 """
 
 from __future__ import annotations
@@ -49,15 +47,19 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from r2d3ray.algorithms.nabla import (FlowTerms, NablaConfig, NablaR2D3, forward_looking_reward_grad,
-                                      reverse_score, transition_scores)
-from r2d3ray.algorithms.nft import DiffusionNFT, NFTConfig, old_policy_decay, optimality_probability, soft_update_
-from r2d3ray.algorithms.reward_backprop import RewardBackprop, RewardBackpropConfig
-from r2d3ray.models.schedulers import SDEDPMSolver, ode_sample, predict_x0, sample_trajectory
+from r2d3ray.config import R2D3Config
+from r2d3ray.eval.stats import mean_se
+from r2d3ray.models.pipeline import SplatPipeline
+from r2d3ray.models.schedulers import SDEDPMSolver, sample_trajectory
+from r2d3ray.rewards.combiner import RewardAnswer
+from r2d3ray.train.engine import LocalEngine
+from r2d3ray.train.run import TrainingRun
+from r2d3ray.train.updates import ALGORITHMS, blend_adapter_, train_epoch
 
 NUM_MODES = 6
 MODE_RADIUS = 2.0
@@ -122,19 +124,6 @@ def reward(x: torch.Tensor) -> torch.Tensor:
     return -((x - center) ** 2).sum(-1) / (2 * REWARD_LENGTH**2)  # (B,)
 
 
-def reward_grad(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The toy's stand-in for the reward plane: (values (B,), ∂Σ values/∂images)."""
-    images = images.detach().requires_grad_(True)
-    with torch.enable_grad():
-        values = reward(images)
-        (grad,) = torch.autograd.grad(values.sum(), images)
-    return values.detach(), grad
-
-
-def identity_render(x0: torch.Tensor) -> torch.Tensor:
-    return x0
-
-
 class StepwiseMLP(nn.Module):
     """(x (B, D), diffusers timestep t) → (B, D): one small MLP per timestep of the sampler's grid.
 
@@ -178,16 +167,29 @@ class StepwiseMLP(nn.Module):
 
 
 class ToyPolicy(nn.Module):
-    """ε_θ(x, t) = ε*(x, t) + adapter(x, t), with peft-like named adapters that can be disabled."""
+    """ε_θ(x, t) = ε*(x, t) + adapter(x, t): the policy interface the trainer's algorithms use
+    (r2d3ray/train/updates.py), with named adapters that can be switched and disabled like peft's.
+    Only the "policy" adapter trains; the others ("old") follow it by soft updates."""
 
-    def __init__(self, prior: GaussianMixture2D, sampler: SDEDPMSolver, adapter_names: tuple[str, ...] = ("default",)):
+    latent_shape = (2,)
+    scheduler_config: dict = {}
+
+    def __init__(self, prior: GaussianMixture2D, sampler: SDEDPMSolver, adapter_names: tuple[str, ...] = ("policy",)):
         super().__init__()
         self.prior = prior
         self.register_buffer("alphas_cumprod", sampler.alphas_cumprod.float().clone())
         grid = torch.cat([sampler.timesteps, sampler.prev_timesteps])
         self.adapters = nn.ModuleDict({name: StepwiseMLP(grid) for name in adapter_names})
-        self.active_adapter = adapter_names[0]
+        for name, adapter in self.adapters.items():
+            adapter.requires_grad_(name == "policy")
+            if name != "policy":  # copies start equal to the policy, as the trainer's add_adapters makes them
+                blend_adapter_(self, name, "policy", decay=0.0)
+        self.active_adapter = "policy"
         self.adapters_enabled = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t).long().expand(x.shape[0])
@@ -196,8 +198,21 @@ class ToyPolicy(nn.Module):
             eps = eps + self.adapters[self.active_adapter](x, t)
         return eps
 
+    # The policy interface: the toy is unconditional and has no guidance; its output is ε.
+    def encode_prompts(self, prompts: list[str]) -> None:
+        return None
+
+    def predict(self, x: torch.Tensor, t, cond=None, guidance_scale: float = 1.0) -> torch.Tensor:
+        return self(x, t)
+
+    def eps_from_output(self, output: torch.Tensor) -> torch.Tensor:
+        return output
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        return dict(self.adapters[name].named_parameters())
+
     @contextmanager
-    def disable_adapter(self):
+    def adapters_disabled(self):
         self.adapters_enabled = False
         try:
             yield
@@ -213,103 +228,63 @@ class ToyPolicy(nn.Module):
             self.active_adapter = previous
 
 
-# ----------------------------------------------------------------------------------------------
-# Training loops: what the real trainer does, on the toy.
-# ----------------------------------------------------------------------------------------------
+class ToyPipeline(SplatPipeline):
+    """The trainer's sampler over the toy policy; rendering is the identity (images = x0 (B, 2))."""
 
-def train_nabla(policy: ToyPolicy, sampler: SDEDPMSolver, config: NablaConfig, epochs: int, batch_size: int,
-                lr: float, generator: torch.Generator) -> None:
-    algo = NablaR2D3(config)
-    flow = StepwiseMLP(torch.cat([sampler.timesteps, sampler.prev_timesteps])) if config.learned_flow else None
-    params = list(policy.adapters["default"].parameters()) + (list(flow.parameters()) if flow else [])
-    optimizer = torch.optim.Adam(params, lr=lr)
-    acp, num_steps = sampler.alphas_cumprod, len(sampler.timesteps)
-    rows = torch.arange(batch_size)
-    previous = None
-    for _ in range(epochs):
-        rollout = sample_trajectory(policy, torch.randn(batch_size, 2, generator=generator), sampler, generator)
-        if config.trajectories == "stale":  # train on last epoch's samples (the reference)
-            rollout, previous = previous, rollout
-            if rollout is None:
-                continue
-        steps = algo.transition_steps(batch_size, num_steps, generator)  # (B, n)
-        optimizer.zero_grad()
-        for k in range(steps.shape[1]):
-            idx = steps[:, k]
-            t, t_prev = sampler.timesteps[idx], sampler.prev_timesteps[idx]  # (B,)
-            x_t = rollout.latents[idx, rows].requires_grad_(flow is not None)  # (B, 2)
-            x_prev = rollout.latents[idx + 1, rows]
-            with policy.disable_adapter(), torch.set_grad_enabled(flow is not None):
-                eps_ref = policy(x_t, t)
-            eps_pol = policy(x_t, t)
-            ref = transition_scores(sampler, eps_ref, idx, x_t, x_prev)
-            pol = transition_scores(sampler, eps_pol, idx, x_t, x_prev)
-            grad_prev, _ = forward_looking_reward_grad(
-                x_prev, lambda x: predict_x0(policy(x, t_prev), x, t_prev, acp), identity_render, reward_grad)
-            flow_terms = None
-            if flow is not None:
-                grad_cur, _ = forward_looking_reward_grad(
-                    x_t, lambda x: predict_x0(policy(x, t), x, t, acp), identity_render, reward_grad)
-                flow_terms = FlowTerms(
-                    flow_prev=flow(x_prev, t_prev), flow_cur=flow(x_t.detach(), t),
-                    reverse_score_policy=reverse_score(x_t, x_prev, pol.mean, pol.std),
-                    reverse_score_ref=reverse_score(x_t, x_prev, ref.mean, ref.std),
-                    reward_grad_cur=grad_cur, alpha_bar_cur=acp[t], is_final=idx == num_steps - 1)
-            loss, _ = algo.loss(pol.score, ref.score, grad_prev, acp[t_prev], eps_pol,
-                                rollout.model_outputs[idx, rows], flow_terms)
-            (loss / steps.shape[1]).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+    def render(self, latents, cameras=None, needs=frozenset(), background=None) -> dict[str, torch.Tensor]:
+        return {"images": latents}
 
 
-def train_nft(policy: ToyPolicy, sampler: SDEDPMSolver, config: NFTConfig, epochs: int, batch: int,
-              lr: float, generator: torch.Generator) -> None:
-    algo = DiffusionNFT(config)
-    params, old_params = list(policy.adapters["default"].parameters()), list(policy.adapters["old"].parameters())
-    soft_update_(old_params, params, 0.0)  # θ_old ← θ at start
-    optimizer = torch.optim.Adam(params, lr=lr)
-    acp = sampler.alphas_cumprod
-    prompt_ids = torch.zeros(batch, dtype=torch.long)  # the toy is unconditional: one prompt, batch/G groups of it
-    for step in range(epochs):
-        with policy.use_adapter("old"):
-            rollout = ode_sample(policy, torch.randn(batch, 2, generator=generator), NUM_STEPS)
-        x0, timesteps = rollout.latents[-1], rollout.timesteps
-        r, _ = optimality_probability(reward(x0), prompt_ids, config.adv_clip_max)
-        steps = algo.transition_steps(batch, len(timesteps), generator)
-        optimizer.zero_grad()
-        for k in range(steps.shape[1]):
-            t = timesteps[steps[:, k]]
-            x_t = sampler.add_noise(x0, torch.randn(x0.shape, generator=generator), t)
-            with torch.no_grad():
-                with policy.use_adapter("old"):
-                    eps_old = policy(x_t, t)
-                with policy.disable_adapter():
-                    eps_ref = policy(x_t, t)
-            loss, _ = algo.loss(policy(x_t, t), eps_old, eps_ref, x_t, x0, acp[t], r)
-            (loss / steps.shape[1]).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        soft_update_(old_params, params, old_policy_decay(step + 1, config.decay_type))
+class ToyRewardPlane:
+    """The reward plane in-process: R and ∂R/∂images of the toy reward, answered at once."""
+
+    wait_seconds = 0.0
+
+    def submit(self, views: dict[str, torch.Tensor], prompts: list[str], with_grad: bool = True):
+        images = views["images"].detach().requires_grad_(with_grad)
+        with torch.enable_grad():
+            values = reward(images)  # (B,)
+            grads = torch.autograd.grad(values.sum(), images)[0] if with_grad else None
+        values = values.detach()
+        scored = torch.ones(len(values), 1, dtype=torch.bool)
+        answer = RewardAnswer(rewards=values, finite=torch.isfinite(values), components={"toy": values[:, None]},
+                              grads=grads, extra_grads={}, view_rewards=values[:, None], scored=scored)
+        return _Answered(answer)
 
 
-def train_reward_backprop(policy: ToyPolicy, sampler: SDEDPMSolver, config: RewardBackpropConfig, epochs: int,
-                          batch_size: int, lr: float, generator: torch.Generator) -> None:
-    algo = RewardBackprop(config)
-    params = list(policy.adapters["default"].parameters())
-    optimizer = torch.optim.Adam(params, lr=lr)
-    num_steps = len(sampler.timesteps)
-    for _ in range(epochs):
-        x = torch.randn(batch_size, 2, generator=generator)
-        for i, t in enumerate(sampler.timesteps):
-            with torch.set_grad_enabled(algo.grad_enabled(i, num_steps)):
-                x = algo.step(sampler, policy(x, t), i, x, generator)
-        images = identity_render(x)
-        values, grad = reward_grad(images.detach())
-        loss, _ = algo.loss(images, values, grad)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+@dataclass
+class _Answered:
+    answer: RewardAnswer
+
+    def result(self) -> RewardAnswer:
+        return self.answer
+
+
+def toy_config(algorithm: str, epochs: int, seed: int, section: dict | None = None, micro_batch: int = BATCH) -> R2D3Config:
+    """The run config the toy trains with: one sampling batch of BATCH trajectories per epoch, Adam
+    (AdamW without decay) at LR, grad-norm clip 1, an optimizer step every ``micro_batch`` trajectories."""
+    return R2D3Config.model_validate({
+        "name": f"toy-{algorithm}",
+        "sampling": {"num_steps": NUM_STEPS, "eta": 1.0, "guidance_scale": 1.0, "batch_size": BATCH,
+                     "num_batches_per_epoch": 1},
+        "training": {"lr": LR, "weight_decay": 0.0, "epochs": epochs, "seed": seed, "max_grad_norm": 1.0,
+                     "gradient_accumulation_steps": micro_batch, "micro_batch_size": micro_batch},
+        "algorithm": {"name": algorithm, **({algorithm: section} if section else {})},
+    })
+
+
+def train(policy: ToyPolicy, cfg: R2D3Config, on_epoch=None) -> None:
+    """``cfg.training.epochs`` epochs of the trainer's algorithm code on the toy (with stale
+    trajectories the first epoch only samples, as in the trainer)."""
+    pipeline = ToyPipeline(policy, cfg.sampling.num_steps, cfg.sampling.eta, cfg.sampling.guidance_scale)
+    Algorithm = ALGORITHMS[cfg.algorithm.name]
+    engine = LocalEngine.from_config(cfg, policy, Algorithm.micro_steps_per_update(cfg))
+    run = TrainingRun(cfg, pipeline, ToyRewardPlane(), engine, tracker=None, prompt_pool=[""])
+    algorithm = Algorithm(run)
+    for epoch in range(cfg.training.epochs):
+        train_epoch(run, algorithm)
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,78 +358,154 @@ def save_plot(path: Path, samples: dict[str, torch.Tensor], target: GaussianMixt
     canvas.save(path)
 
 
-def run(out_dir, quick: bool = False, seed: int = 0) -> dict:
-    """Train every method from the same prior, evaluate, print a table, write JSON and PNG. Returns the rows."""
+def run(out_dir, quick: bool = False, seeds: int = 1, first_seed: int = 0) -> dict:
+    """Train every method from the same prior with ``seeds`` seeds, evaluate, print a table (mean ±
+    standard error over seeds), write JSON and PNGs. Returns {method: {metric: mean, metric_se: s.e.,
+    "per_seed": [...], "curve": [...]}}."""
     # The tensors are tiny (B × 2): intra-op threads only add synchronisation, which on a busy machine
     # costs 10-20× in wall time.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(Path(out_dir), quick, seed)
+        return _run(Path(out_dir), quick, seeds, first_seed)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(out_dir: Path, quick: bool, seed: int) -> dict:
-    out_dir = Path(out_dir)
+def methods(quick: bool) -> dict[str, tuple[tuple[str, ...], Callable[[int], R2D3Config]]]:
+    """name → (adapters, seed → run config). Every method trains on BATCH trajectories per epoch for
+    the same number of epochs, with the trainer's code (r2d3ray/train/updates.py)."""
+    epochs = 20 if quick else 200
+    # R2D3 as shipped (×ᾱ weighting, stratified 20% of the 50 steps, stale trajectories), β = β_target.
+    nabla = {"reward_scale": BETA_TARGET, "reward_adaptive_scaling": "squared", "unet_reg_scale": 10.0,
+             "timestep_fraction": 0.2, "trajectories": "stale"}
+    return {
+        "nabla": (("policy",), lambda seed: toy_config("nabla", epochs, seed, nabla)),
+        # Ablation: without the ×ᾱ weighting of the forward-looking reward gradient.
+        "nabla_no_alpha_weighting": (("policy",), lambda seed: toy_config(
+            "nabla", epochs, seed, {**nabla, "reward_adaptive_scaling": "off"})),
+        # NFT's defaults, but 20% of the 50 timesteps per sample (the reference trains 9 of its 10); no EMA.
+        "nft": (("policy", "old"), lambda seed: toy_config("nft", epochs, seed, {"group_size": 32, "timestep_fraction": 0.2})),
+        # GRPO: 20% of the timesteps, four optimizer steps per epoch so the ratio leaves 1 and the clip acts.
+        "grpo": (("policy",), lambda seed: toy_config("grpo", epochs, seed, {"group_size": 32, "timestep_fraction": 0.2},
+                                                      micro_batch=BATCH // 4)),
+        "reward_backprop": (("policy",), lambda seed: toy_config("reward_backprop", epochs, seed, {"grad_steps": 1})),
+    }
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    return mean_se(torch.tensor(values, dtype=torch.float64))
+
+
+def _run(out_dir: Path, quick: bool, seeds: int, first_seed: int) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
     prior = ring_prior()
     target = prior.tilted(BETA_TARGET, torch.tensor(REWARD_CENTER), REWARD_LENGTH)
     sampler = SDEDPMSolver(NUM_STEPS)
-    epochs = dict(nabla=20, nabla_gfn=15, nft=15, reward_backprop=30) if quick else \
-        dict(nabla=200, nabla_gfn=200, nft=200, reward_backprop=200)
-    num_eval = 6000 if quick else 30000
+    num_eval, num_curve = (6000, 1500) if quick else (30000, 3000)
+    curve_every = 5 if quick else 20
+    per_seed: dict[str, list[dict]] = {}
+    curves: dict[str, list[list[tuple[int, float, float]]]] = {}
+    seconds: dict[str, list[float]] = {}
+    samples: dict[str, torch.Tensor] = {}
+    for seed in range(first_seed, first_seed + seeds):
+        torch.manual_seed(seed)
+        eval_seed = seed + 1
+        base = sample_policy(ToyPolicy(prior, sampler), sampler, num_eval, eval_seed)
+        per_seed.setdefault("base", []).append(evaluate(base, prior, target))
+        exact = target.sample(num_eval, torch.Generator().manual_seed(seed + 3))
+        per_seed.setdefault("target_exact", []).append(evaluate(exact, prior, target))
+        samples.setdefault("base", base)
+        samples.setdefault("target_exact", exact)
+        for name, (adapters, config_for) in methods(quick).items():
+            policy, curve = ToyPolicy(prior, sampler, adapters), []
 
-    def fresh_policy(adapters=("default",)) -> ToyPolicy:
-        return ToyPolicy(prior, sampler, adapters)
+            def checkpoint(epoch: int) -> None:
+                if epoch % curve_every == 0:
+                    row = evaluate(sample_policy(policy, sampler, num_curve, eval_seed), prior, target)
+                    curve.append((epoch, row["reward_mean"], row["kl_to_target"]))
 
-    # R2D3 as shipped (×ᾱ weighting, stratified 20% of the 50 steps, stale trajectories), with β = β_target.
-    nabla = NablaConfig(reward_scale=BETA_TARGET, reward_adaptive_scaling="squared", unet_reg_scale=10.0,
-                        timestep_fraction=0.2, trajectories="stale")
-    nabla_gfn = nabla.model_copy(update={"learned_flow": True})
-    # NFT's defaults, but 20% of the 50 timesteps per sample (the reference trains 9 of its 10).
-    nft = NFTConfig(group_size=32, timestep_fraction=0.2)
-    methods = {
-        "nabla": (("default",), lambda p, g: train_nabla(p, sampler, nabla, epochs["nabla"], BATCH, LR, g)),
-        "nabla_gfn": (("default",), lambda p, g: train_nabla(p, sampler, nabla_gfn, epochs["nabla_gfn"], BATCH, LR, g)),
-        "nft": (("default", "old"), lambda p, g: train_nft(p, sampler, nft, epochs["nft"], BATCH, LR, g)),
-        "reward_backprop": (("default",), lambda p, g: train_reward_backprop(
-            p, sampler, RewardBackpropConfig(grad_steps=1), epochs["reward_backprop"], BATCH, LR, g)),
-    }
+            start = time.perf_counter()
+            train(policy, config_for(seed), checkpoint)
+            seconds.setdefault(name, []).append(time.perf_counter() - start)
+            xs = sample_policy(policy, sampler, num_eval, eval_seed)
+            per_seed.setdefault(name, []).append(evaluate(xs, prior, target))
+            curves.setdefault(name, []).append(curve)
+            samples.setdefault(name, xs)
 
-    results, samples, seconds = {}, {}, {}
-    samples["base"] = sample_policy(fresh_policy(), sampler, num_eval, seed + 1)
-    for name, (adapters, train) in methods.items():
-        policy = fresh_policy(adapters)
-        start = time.perf_counter()
-        train(policy, torch.Generator().manual_seed(seed + 2))
-        seconds[name] = time.perf_counter() - start
-        samples[name] = sample_policy(policy, sampler, num_eval, seed + 1)
-    samples["target_exact"] = target.sample(num_eval, torch.Generator().manual_seed(seed + 3))
-    for name, xs in samples.items():
-        results[name] = evaluate(xs, prior, target)
+    results = {}
+    for name, rows in per_seed.items():
+        summary = {"modes_total": rows[0]["modes_total"], "per_seed": rows}
+        for key in ("reward_mean", "kl_to_target", "modes_kept"):
+            summary[key], summary[f"{key}_se"] = _mean_se([r[key] for r in rows])
+        if name in seconds:
+            summary["train_s"] = sum(seconds[name]) / len(seconds[name])
+            summary["curve"] = _mean_curve(curves[name])
+        results[name] = summary
 
     print(f"toy alignment: {NUM_MODES}-mode ring prior, R(x) = -|x - {REWARD_CENTER}|²/(2·{REWARD_LENGTH}²), "
-          f"β_target = {BETA_TARGET}, "
-          f"{NUM_STEPS} SDE-DPM++ steps, {num_eval} eval samples{' (quick)' if quick else ''}")
-    print(f"{'method':<16} {'reward_mean':>11} {'kl_to_target':>12} {'modes_kept':>10} {'train_s':>8}")
+          f"β_target = {BETA_TARGET}, {NUM_STEPS} SDE-DPM++ steps, {num_eval} eval samples, "
+          f"{seeds} seed(s), mean ± s.e.{' (quick)' if quick else ''}")
+    print(f"{'method':<26} {'reward_mean':>16} {'kl_to_target':>16} {'modes_kept':>12} {'train_s':>8}")
     for name, row in results.items():
-        train_s = f"{seconds[name]:8.1f}" if name in seconds else f"{'':>8}"
-        print(f"{name:<16} {row['reward_mean']:11.3f} {row['kl_to_target']:12.3f} "
-              f"{row['modes_kept']:>5}/{row['modes_total']:<4} {train_s}")
+        train_s = f"{row['train_s']:8.1f}" if "train_s" in row else f"{'':>8}"
+        print(f"{name:<26} {row['reward_mean']:8.3f} ± {row['reward_mean_se']:.3f} "
+              f"{row['kl_to_target']:8.3f} ± {row['kl_to_target_se']:.3f} "
+              f"{row['modes_kept']:6.1f}/{row['modes_total']:<5} {train_s}")
     (out_dir / "toy_alignment.json").write_text(json.dumps(results, indent=2))
     save_plot(out_dir / "toy_alignment.png", samples, target)
+    save_curves(out_dir / "toy_alignment_curves.png", results)
     return results
+
+
+def _mean_curve(curves: list[list[tuple[int, float, float]]]) -> list[dict]:
+    """Per evaluation epoch, the mean and s.e. over seeds of the reward and KL."""
+    out = []
+    for points in zip(*curves):
+        reward_mean, reward_se = _mean_se([p[1] for p in points])
+        kl, kl_se = _mean_se([p[2] for p in points])
+        out.append({"epoch": points[0][0], "reward_mean": reward_mean, "reward_mean_se": reward_se,
+                    "kl_to_target": kl, "kl_to_target_se": kl_se})
+    return out
+
+
+def save_curves(path: Path, results: dict) -> None:
+    """Learning curves (reward and KL to p* against epoch, ±1 s.e. over seeds), if matplotlib is present."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, row in results.items():
+        if "curve" not in row or not row["curve"]:
+            continue
+        epochs = [p["epoch"] for p in row["curve"]]
+        for ax, key in zip(axes, ("reward_mean", "kl_to_target")):
+            mean = torch.tensor([p[key] for p in row["curve"]])
+            se = torch.tensor([p[f"{key}_se"] for p in row["curve"]])
+            ax.plot(epochs, mean, label=name)
+            ax.fill_between(epochs, mean - se, mean + se, alpha=0.2)
+    for ax, key in zip(axes, ("reward_mean", "kl_to_target")):
+        ax.axhline(results["target_exact"][key], color="black", lw=0.8, ls="--", label="target_exact")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="directory for toy_alignment.json and toy_alignment.png")
+    parser.add_argument("--out", required=True, help="directory for toy_alignment.json and the PNGs")
     parser.add_argument("--quick", action="store_true", help="short training runs (as the test does)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=3, help="independent seeds per method (standard errors over them)")
+    parser.add_argument("--first-seed", type=int, default=0)
     args = parser.parse_args()
-    run(args.out, quick=args.quick, seed=args.seed)
+    run(args.out, quick=args.quick, seeds=args.seeds, first_seed=args.first_seed)
 
 
 if __name__ == "__main__":

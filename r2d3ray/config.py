@@ -126,8 +126,8 @@ class NablaConfig(Section):
     # The reference's x̂0 look-ahead for DPM schedulers reads ᾱ one sampling step nearer t = 0
     # (at t_prev − Δt, clipped at 1) than the timestep the network saw; off = the consistent x̂0.
     x0_alpha_one_step_ahead: bool = False
-    # The full ∇-GFlowNet (a learned residual flow, reverse and terminal losses). Only the toy
-    # benchmark trains it; a run config with it on is rejected (see R2D3Config).
+    # The full ∇-GFlowNet (a learned residual flow, reverse and terminal losses): its loss is in
+    # r2d3ray/algorithms/nabla.py, but no training loop drives it; a run config with it on is rejected.
     learned_flow: bool = False
     reverse_loss_scale: float = Field(1.0, ge=0.0)
 
@@ -149,6 +149,20 @@ class NFTConfig(Section):
     reward_stats: Literal["all_workers", "per_worker"] = "all_workers"
 
 
+class GRPOConfig(Section):
+    """GRPO for diffusion (Flow-GRPO's `scripts/train_sd3.py`, DDPO's PPO step): group-relative
+    advantages, a clipped importance ratio on the SDE sampler's transition log-probabilities, a KL to
+    the reference policy. Names are Flow-GRPO's config.train.* and config.sample.*."""
+
+    group_size: int = Field(4, ge=2, description="samples per prompt (config.sample.num_image_per_prompt)")
+    clip_range: float = Field(1e-4, gt=0.0, description="PPO clip of the ratio (config.train.clip_range)")
+    adv_clip_max: float = Field(5.0, gt=0.0)
+    kl_coef: float = Field(0.04, ge=0.0, description="weight of the KL to the reference (config.train.beta)")
+    timestep_fraction: float = Field(0.99, gt=0.0, le=1.0)
+    # Advantages from the rewards of all workers' samples (Flow-GRPO gathers them) or of this worker's only.
+    reward_stats: Literal["all_workers", "per_worker"] = "all_workers"
+
+
 class RewardBackpropConfig(Section):
     """ReFL / DRaFT-K: the reward is backpropagated through the last K sampling steps."""
 
@@ -157,9 +171,10 @@ class RewardBackpropConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    name: Literal["nabla", "nft", "reward_backprop"] = "nabla"
+    name: Literal["nabla", "nft", "grpo", "reward_backprop"] = "nabla"
     nabla: NablaConfig = Field(default_factory=NablaConfig)
     nft: NFTConfig = Field(default_factory=NFTConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     reward_backprop: RewardBackpropConfig = Field(default_factory=RewardBackpropConfig)
 
 
@@ -241,22 +256,25 @@ class R2D3Config(Section):
     def _runnable(self) -> "R2D3Config":
         if self.algorithm.name == "nabla" and self.algorithm.nabla.learned_flow:
             raise ValueError("algorithm.nabla.learned_flow: the trainer trains Nabla-R2D3's forward loss only (the "
-                             "reference's no-flow mode); the full ∇-GFlowNet with a learned flow runs in "
-                             "benchmarks/toy_alignment.py. Set algorithm.nabla.learned_flow=false")
+                             "reference's no-flow mode); the full ∇-GFlowNet's learned flow has a loss "
+                             "(r2d3ray/algorithms/nabla.py) but no training loop. Set algorithm.nabla.learned_flow=false")
         per_epoch, accumulate = self.samples_per_epoch(), self.training.gradient_accumulation_steps
         if per_epoch % accumulate:
             raise ValueError(f"training.gradient_accumulation_steps ({accumulate} trajectories per optimizer step) "
                              f"must divide the {per_epoch} trajectories each worker samples per epoch (sampling."
-                             f"batch_size x num_batches_per_epoch{' with whole NFT groups' if self.algorithm.name == 'nft' else ''})")
+                             f"batch_size x num_batches_per_epoch{' with whole groups' if self.group_size() else ''})")
         return self
 
     def samples_per_epoch(self) -> int:
         """Trajectories (samples) each worker samples and trains on per epoch."""
-        s = self.sampling
-        if self.algorithm.name == "nft":  # whole groups of group_size samples of one prompt
-            group = self.algorithm.nft.group_size
+        s, group = self.sampling, self.group_size()
+        if group:  # whole groups of group_size samples of one prompt
             return max(s.batch_size // group, 1) * group * s.num_batches_per_epoch
         return s.batch_size * s.num_batches_per_epoch
+
+    def group_size(self) -> int | None:
+        """Samples per prompt of the group-relative algorithms (DiffusionNFT, GRPO); None for the others."""
+        return {"nft": self.algorithm.nft.group_size, "grpo": self.algorithm.grpo.group_size}.get(self.algorithm.name)
 
     def optimizer_steps_per_epoch(self) -> int:
         return self.samples_per_epoch() // self.training.gradient_accumulation_steps
@@ -346,6 +364,20 @@ def _describe(err: ValidationError, root: type[BaseModel]) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
+SectionT = typing.TypeVar("SectionT", bound=BaseModel)
+
+
+def validate_options(model: type[SectionT], data: Any, what: str) -> SectionT:
+    """``data`` (a dict, or already a ``model``) validated as ``model``, or a ConfigError that names
+    each bad key as run configs do, prefixed by ``what`` ("pretrain config", "infer options", ...)."""
+    if isinstance(data, model):
+        return data
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{what}: {_describe(err, model)}") from None
+
+
 def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> R2D3Config:
     data = apply_overrides(dict(data or {}), list(overrides or []))
     try:
@@ -431,6 +463,9 @@ class RewardDeploymentConfig(Section):
     autoscaling: AutoscalingConfig | None = None
     num_cpus: float = Field(1.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
+    # Custom Ray resources each replica reserves, e.g. {reward_node: 0.01} with nodes started as
+    # `ray start --resources '{"reward_node": 1}'`: the replicas go only to nodes that have them.
+    resources: dict[str, float] = Field(default_factory=dict)
     max_batch_size: int = Field(8, ge=1, description="most requests merged into one forward")
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, description="how long an idle replica's first request "
                                         "waits for others to merge with")

@@ -67,7 +67,7 @@ def test_accumulation_counts_trajectories_and_must_fit_the_epoch():
 
 
 def test_learned_flow_is_rejected_for_training_runs():
-    with pytest.raises(ConfigError, match="learned_flow.*toy_alignment"):
+    with pytest.raises(ConfigError, match="learned_flow.*no training loop"):
         build_config({"algorithm": {"nabla": {"learned_flow": True}}})
 
 
@@ -104,7 +104,7 @@ def test_out_of_range_names_bound():
 
 
 def test_bad_choice_lists_allowed_values():
-    with pytest.raises(ConfigError, match="'nabla', 'nft' or 'reward_backprop'"):
+    with pytest.raises(ConfigError, match="'nabla', 'nft', 'grpo' or 'reward_backprop'"):
         load_config(None, ["algorithm.name=ppo"])
 
 

@@ -138,3 +138,25 @@ def test_which_autoscaler_configs_can_add_nodes():
     assert not can_add_nodes(config(({"CPU": 8}, 2, 2)))  # a fixed-size group
     assert can_add_nodes(config(({"CPU": 8}, 2, 2), ({"GPU": 1}, 0, 4)))
     assert can_add_nodes(config(({"CPU": 8}, 0, -1)))  # unbounded
+
+
+def test_a_failed_fit_is_labelled_by_the_type_of_the_workers_exception():
+    import errno
+
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from r2d3ray.config import ConfigError
+    from r2d3ray.serve.client import RewardPlaneError
+    from r2d3ray.train.launch import failed_component
+
+    def failed(exc):
+        return WorkerGroupError("workers failed", {0: UserExceptionWithTraceback(exc, "Traceback ...")})
+
+    plane = RewardPlaneError("reward 'hps' unreachable past its 600 s retry budget")
+    assert failed_component(failed(plane)) == ("reward endpoint", plane)
+    assert failed_component(failed(ConfigError("bad key")))[0] == "configuration"
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert failed_component(failed(full))[0] == "storage"
+    # A message that merely mentions rewards is no reward-endpoint failure.
+    assert failed_component(failed(RuntimeError("reward tensor had the wrong shape")))[0] == "training worker"

@@ -46,8 +46,9 @@ def test_gradient_algorithms_refuse_a_value_only_reward_naming_both(app_config, 
     assert "algorithm.name=nft" in message
 
 
-def test_nft_takes_every_reward_and_gradient_algorithms_take_differentiable_ones(app_config):
+def test_nft_and_grpo_take_every_reward_and_gradient_algorithms_take_differentiable_ones(app_config):
     _check_reward_app(run_config(app_config, "nft", "[{name: color_match}, {name: judge}]"))
+    _check_reward_app(run_config(app_config, "grpo", "[{name: color_match}, {name: judge}]"))
     _check_reward_app(run_config(app_config, "nabla", "[{name: color_match}]"))
 
 
@@ -59,8 +60,24 @@ def test_scoring_a_value_only_reward_with_gradients_is_refused():
         reward.score(images, ["a red cube"], with_grad=True)
 
 
-def test_every_built_in_reward_declares_a_gradient():
-    # All shipped rewards are differentiable (the geometry ones with respect to their render extras).
+def test_every_built_in_reward_but_the_external_servers_declares_a_gradient():
+    # The shipped models are differentiable (the geometry ones with respect to their render extras);
+    # rewards answered by an HTTP server are values only.
     shipped = [name for name in available_rewards() if name != "value_only_for_launch_test"]
-    assert {"pickscore", "imagereward", "clipscore"} <= set(shipped)
-    assert all(reward_class(name).differentiable for name in shipped)
+    external = {"external_scorer", "external_judge"}
+    assert {"pickscore", "imagereward", "clipscore"} | external <= set(shipped)
+    assert all(reward_class(name).differentiable for name in shipped if name not in external)
+    assert not any(reward_class(name).differentiable for name in external)
+
+
+def test_nabla_and_a_dnc_deployment_must_agree_on_the_reward_context(tmp_path):
+    app = {"app_name": "rewards", "deployments": [
+        {"name": "dnc", "reward": "dnc", "num_cpus": 0, "kwargs": {"reward_context": "inference"}}]}
+    path = tmp_path / "rewards.yaml"
+    path.write_text(yaml.safe_dump(app))
+    with pytest.raises(LaunchError, match="reward_context is 'train' but reward term 'dnc' is deployed with "
+                                          "reward_context 'inference'"):
+        _check_reward_app(run_config(path, "nabla", "[{name: dnc}]"))
+    agreeing = build_config({}, [f"rewards.app_config={path}", "rewards.terms=[{name: dnc}]",
+                                 "algorithm.nabla.reward_context=inference"])
+    _check_reward_app(agreeing)

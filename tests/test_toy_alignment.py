@@ -42,7 +42,18 @@ def test_quick_run_nabla_approaches_target_keeping_modes_and_nft_raises_reward(t
     assert nabla["kl_to_target"] < base["kl_to_target"]
     assert nabla["modes_kept"] == nabla["modes_total"] == base["modes_total"]
     assert nft["reward_mean"] > base["reward_mean"]
+    assert results["grpo"]["reward_mean"] > base["reward_mean"]
     saved = json.loads((tmp_path / "toy_alignment.json").read_text())
-    assert set(saved) >= {"base", "nabla", "nabla_gfn", "nft", "reward_backprop"}
-    assert set(saved["nabla"]) == {"reward_mean", "kl_to_target", "modes_kept", "modes_total"}
+    assert set(saved) == {"base", "target_exact", "nabla", "nabla_no_alpha_weighting", "nft", "grpo", "reward_backprop"}
+    assert {"reward_mean", "reward_mean_se", "kl_to_target", "modes_kept", "per_seed", "curve"} <= set(saved["nabla"])
+    assert [point["epoch"] for point in saved["nabla"]["curve"]] == [5, 10, 15, 20]
     assert (tmp_path / "toy_alignment.png").stat().st_size > 1000
+    assert (tmp_path / "toy_alignment_curves.png").stat().st_size > 1000
+
+
+def test_the_toy_trains_with_the_trainers_algorithm_classes():
+    from r2d3ray.train import updates
+
+    toy = load_script("benchmarks/toy_alignment.py", "toy_alignment")
+    assert toy.ALGORITHMS is updates.ALGORITHMS and toy.train_epoch is updates.train_epoch
+    assert {cfg(0).algorithm.name for _, cfg in toy.methods(quick=True).values()} == set(updates.ALGORITHMS)

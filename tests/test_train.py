@@ -81,7 +81,7 @@ def make_cfg(workspace, name: str, algorithm: str, *extra: str):
         f"rewards.app_name={APP}", f"rewards.app_config={root / 'rewards.yaml'}",
         "sampling.num_steps=4", "sampling.batch_size=2", "sampling.num_batches_per_epoch=1",
         "render.size=16", "training.epochs=2", f"algorithm.name={algorithm}",
-        "algorithm.nft.group_size=2", "algorithm.nabla.trajectories=fresh",
+        "algorithm.nft.group_size=2", "algorithm.grpo.group_size=2", "algorithm.nabla.trajectories=fresh",
         # 2 trajectories per optimizer step in micro-batches of 1: DeepSpeed accumulates across micro-batches.
         "training.gradient_accumulation_steps=2", "training.micro_batch_size=1",
         "rewards.terms=[{name: color_match, weight: 1.0}]", *extra,
@@ -94,8 +94,8 @@ def mlflow_runs(cfg) -> list:
     return mlflow.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{cfg.name}'", output_format="list")
 
 
-def epoch_history(cfg, metric: str = "epoch") -> list[int]:
-    """The MLflow steps (trained epochs done) at which ``metric`` was logged."""
+def step_history(cfg, metric: str = "epoch") -> list[int]:
+    """The MLflow steps (optimizer steps done) at which ``metric`` was logged."""
     (run,) = mlflow_runs(cfg)
     return sorted(int(m.step) for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, metric))
 
@@ -104,7 +104,7 @@ def checkpoint_state(result) -> dict:
     return json.loads((Path(result.checkpoint.path) / "state.json").read_text())
 
 
-@pytest.mark.parametrize("algorithm", ["nabla", "nft", "reward_backprop"])
+@pytest.mark.parametrize("algorithm", ["nabla", "nft", "grpo", "reward_backprop"])
 def test_each_algorithm_trains_and_checkpoints(workspace, algorithm):
     # NFT with its evaluation EMA and advantages over both workers' rewards (gathered by torch.distributed).
     cfg = make_cfg(workspace, f"run-{algorithm}", algorithm,
@@ -118,7 +118,7 @@ def test_each_algorithm_trains_and_checkpoints(workspace, algorithm):
     assert state["epoch"] == 2
     # DeepSpeed stepped once per gradient_accumulation_steps trajectories, micro-batches accumulated.
     assert cfg.optimizer_steps_per_epoch() == 1 and state["global_step"] == 2 * cfg.optimizer_steps_per_epoch()
-    assert epoch_history(cfg) == [1, 2]  # MLflow step = trained epochs done
+    assert step_history(cfg) == [1, 2]  # MLflow step = optimizer steps done, one per epoch here
     (run,) = mlflow_runs(cfg)
     metrics = run.data.metrics
     assert "reward/mean" in metrics and "time/sample" in metrics and "loss" in metrics
@@ -143,7 +143,8 @@ def test_stale_trajectories_sample_one_epoch_first_and_a_rerun_resumes_the_same_
     assert cfg.optimizer_steps_per_epoch() == 2
     assert (state["epoch"], state["global_step"]) == (1, cfg.optimizer_steps_per_epoch())
     # Two sampling rounds (the sampling-only epoch's rewards at step 0, before training), one trained epoch.
-    assert epoch_history(cfg, "reward/mean") == [0, 1] and epoch_history(cfg, "loss") == [1]
+    # MLflow steps are optimizer steps (2 per epoch); the sampling-only epoch sits at step 0.
+    assert step_history(cfg, "reward/mean") == [0, 2] and step_history(cfg, "loss") == [2]
     (first,) = mlflow_runs(cfg)
 
     longer = make_cfg(workspace, "resume-me", "nabla", *stale, "training.epochs=2")
@@ -151,8 +152,11 @@ def test_stale_trajectories_sample_one_epoch_first_and_a_rerun_resumes_the_same_
     (again,) = mlflow_runs(longer)
     assert again.info.run_id == first.info.run_id
     # Trains epoch 2 on the checkpoint's trajectories: no second sampling-only epoch, nothing redone or skipped.
-    assert epoch_history(longer) == epoch_history(longer, "reward/mean") == [0, 1, 2]
-    assert epoch_history(longer, "loss") == [1, 2]
+    assert step_history(longer) == step_history(longer, "reward/mean") == [0, 2, 4]
+    assert step_history(longer, "loss") == [2, 4]
+    (run,) = mlflow_runs(longer)
+    epochs = {int(m.step): m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "epoch")}
+    assert epochs == {0: 0, 2: 1, 4: 2}  # the epoch is a metric beside the step
     assert (state["epoch"], state["global_step"]) == (2, 2 * cfg.optimizer_steps_per_epoch())
 
 
@@ -206,7 +210,7 @@ def test_killed_worker_restarts_from_checkpoint_with_one_mlflow_run(workspace):
     watcher.join(timeout=1)
     assert killed, "the test never found a worker to kill"
     assert checkpoint_state(result)["epoch"] == 4
-    assert epoch_history(cfg) == [1, 2, 3, 4]  # one MLflow run, no epoch logged twice
+    assert step_history(cfg) == [1, 2, 3, 4]  # one MLflow run, no epoch logged twice
 
 
 def test_reward_replica_killed_mid_training_does_not_stop_training(workspace):

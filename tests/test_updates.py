@@ -19,8 +19,9 @@ from r2d3ray.models.loading import load_generator
 from r2d3ray.models.lora import adapter_parameters
 from r2d3ray.models.pipeline import SplatPipeline
 from r2d3ray.models.tiny import TinySplatGenerator
-from r2d3ray.train.run import TrainingRun, add_adapters, reward_needs
-from r2d3ray.train.updates import UPDATES, NablaUpdates, NFTUpdates, worker_optimality
+from r2d3ray.train.adapters import add_adapters, restore_adapters, save_adapters
+from r2d3ray.train.run import TrainingRun, connect_rewards, reward_needs
+from r2d3ray.train.updates import ALGORITHMS, NablaUpdates, NFTUpdates, worker_optimality
 
 
 def local_run(tmp_path, *overrides: str) -> tuple[TrainingRun, list[str]]:
@@ -32,13 +33,12 @@ def local_run(tmp_path, *overrides: str) -> tuple[TrainingRun, list[str]]:
                                            "render.size=16", "algorithm.nabla.trajectories=fresh", "lora.rank=4",
                                            "training.gradient_accumulation_steps=2", "training.micro_batch_size=2",
                                            "rewards.terms=[{name: color_match, weight: 1.0}]", *overrides])
-    run = TrainingRun(cfg, rank=0, world_size=1)
     generator = load_generator(cfg)  # frozen, as the trainer loads it
-    add_adapters(generator.denoiser, cfg)
-    run.pipeline = SplatPipeline(generator, cfg.sampling.num_steps, guidance_scale=cfg.sampling.guidance_scale)
-    run.needs = reward_needs(cfg)
-    run.rewards = run._connect_rewards(served=False)
-    run.prompt_pool = ["a red cube", "a large blue sphere"]
+    add_adapters(generator, cfg)
+    needs = reward_needs(cfg)
+    run = TrainingRun(cfg, SplatPipeline(generator, cfg.sampling.num_steps, guidance_scale=cfg.sampling.guidance_scale),
+                      connect_rewards(cfg, needs, rank=0, served=False), engine=None, tracker=None,
+                      prompt_pool=["a red cube", "a large blue sphere"], needs=needs)
 
     events: list[str] = []
     submit = run.rewards.submit
@@ -83,22 +83,23 @@ def test_nabla_sends_the_next_transitions_request_before_this_ones_backward(tmp_
     assert any(p.grad.abs().sum() > 0 for p in params)
 
 
-@pytest.mark.parametrize("algorithm", ["nabla", "nft", "reward_backprop"])
+@pytest.mark.parametrize("algorithm", ["nabla", "nft", "grpo", "reward_backprop"])
 def test_an_epoch_trains_micro_batches_and_steps_once_per_accumulation(tmp_path, algorithm):
     # 2 sampling batches of 2 trajectories (NFT: 1 prompt x 2), 2 trajectories per optimizer step in micro-batches of 1.
     run, events = local_run(tmp_path, f"algorithm.name={algorithm}", "sampling.num_batches_per_epoch=2",
-                            "algorithm.nft.group_size=2", "training.gradient_accumulation_steps=2",
+                            "algorithm.nft.group_size=2", "algorithm.grpo.group_size=2",
+                            "training.gradient_accumulation_steps=2",
                             "training.micro_batch_size=1")
-    updates = UPDATES[algorithm](run)
+    updates = ALGORITHMS[algorithm](run)
     sizes = []
     for batch in updates.batches(updates.collect()):
-        sizes.append(len(batch["prompts"]) if isinstance(batch, dict) else len(batch))
+        sizes.append(len(batch))
         updates.update(batch)
 
     assert run.cfg.samples_per_epoch() == 4 and run.cfg.optimizer_steps_per_epoch() == 2
     assert sizes == [1, 1, 1, 1]
     # DeepSpeed steps the optimizer every micro_steps_per_update backward passes: twice in this epoch.
-    assert events.count("backward") == 2 * UPDATES[algorithm].micro_steps_per_update(run)
+    assert events.count("backward") == 2 * ALGORITHMS[algorithm].micro_steps_per_update(run.cfg)
 
 
 def test_lookahead_x0_reads_alpha_bar_one_solver_step_nearer_zero(tmp_path):
@@ -114,7 +115,7 @@ def test_lookahead_x0_reads_alpha_bar_one_solver_step_nearer_zero(tmp_path):
     run.pipeline.generator.predict = predict
     x = torch.ones(2, *run.pipeline.generator.latent_shape)
     t_prev = torch.tensor([0, 300])  # the final transition's target, and a state between solver steps
-    x0 = NablaUpdates(run).policy_x0(x, t_prev, embeds=None)
+    x0 = NablaUpdates(run).policy_x0(x, t_prev, cond=None)
 
     assert seen[0].tolist() == [0, 300]  # the network sees t_prev itself
     # ᾱ at clamp(t_prev − 200, min=1) = [1, 100], by hand from the tiny prior's scaled-linear betas.
@@ -125,7 +126,7 @@ def test_lookahead_x0_reads_alpha_bar_one_solver_step_nearer_zero(tmp_path):
         torch.testing.assert_close(x0[row], torch.full_like(x0[row], expected), rtol=1e-5, atol=0)
     # Off (the default), x̂0 reads ᾱ at t_prev: at t_prev = 0 that is ᾱ_0 = 1 − β_0.
     run.cfg.algorithm.nabla.x0_alpha_one_step_ahead = False
-    consistent = NablaUpdates(run).policy_x0(x, t_prev, embeds=None)
+    consistent = NablaUpdates(run).policy_x0(x, t_prev, cond=None)
     alpha_bar_0 = 1 - betas[0]
     torch.testing.assert_close(consistent[0], torch.full_like(x0[0], (1 - math.sqrt(1 - alpha_bar_0) * 0.5)
                                                                / math.sqrt(alpha_bar_0)), rtol=1e-5, atol=0)
@@ -154,7 +155,7 @@ def test_nft_old_and_ema_start_as_the_policy_follow_it_and_are_checkpointed(tmp_
     assert run.metric_sums["ema_decay"] == [2 / 11]
 
     # A checkpoint's lora/ is the EMA (what eval and infer load); the policy and old policy sit beside it.
-    run.save_adapters(tmp_path / "ckpt")
+    save_adapters(run.pipeline.generator, run.cfg, tmp_path / "ckpt")
     lora_file = tmp_path / "ckpt" / "lora" / "pytorch_lora_weights.safetensors"
     saved = {k.removeprefix("transformer."): v for k, v in safetensors.torch.load_file(lora_file).items()}
     assert saved.keys() == ema.keys() and all(torch.equal(saved[k], ema[k]) for k in ema)
@@ -165,7 +166,7 @@ def test_nft_old_and_ema_start_as_the_policy_follow_it_and_are_checkpointed(tmp_
         for name in expected:
             for p in adapter_parameters(denoiser, name).values():
                 p.zero_()
-    run.restore_adapters(tmp_path / "ckpt")
+    restore_adapters(run.pipeline.generator, run.cfg, tmp_path / "ckpt")
     for name, params in expected.items():
         restored = adapter_parameters(denoiser, name)
         assert all(torch.equal(restored[k], params[k]) for k in params), name
@@ -202,3 +203,18 @@ def test_stale_trajectories_add_one_sampling_only_epoch_before_the_trained_ones(
     # Resumed after 2 trained epochs with the last epoch's trajectories: neither redone nor skipped.
     run.epoch, run.stale = 2, object()
     assert run.remaining_epochs(sampling_only_first=True) == range(2, 3)
+
+
+def test_grpo_recorded_log_probs_are_the_policys_own_so_the_first_ratio_is_one(tmp_path):
+    # One micro-batch of a group of 2 samples, trained before any optimizer step: θ = θ_old.
+    run, _ = local_run(tmp_path, "algorithm.name=grpo", "algorithm.grpo.group_size=2",
+                       "algorithm.grpo.timestep_fraction=1.0")
+    updates = ALGORITHMS["grpo"](run)
+    batch = updates.collect()
+    assert batch.old_log_probs.shape == (2, run.cfg.sampling.num_steps)
+    assert torch.isfinite(batch.old_log_probs).all()
+    # Group-relative advantages of a group of two: ±1 (std 1/2 of the difference), each sample the other's negative.
+    torch.testing.assert_close(batch.targets[0], -batch.targets[1])
+    updates.update(batch)
+    torch.testing.assert_close(torch.tensor(run.metric_sums["ratio_mean"]), torch.ones(5), rtol=0, atol=1e-4)
+    assert run.metric_sums["clip_fraction"] == [0.0] * 5

@@ -36,8 +36,8 @@ One transition in the train loop (B samples, each at its own step ``steps[:, k]`
 
 With ``learned_flow`` the loop also makes x_t require grad before both ε calls (the reference one
 with grad enabled), takes ``reverse_score`` of both policies, ∇_{x_t} R(x̂0_θ(x_t)) with the same
-``forward_looking_reward_grad``, and g_φ at both states; see :class:`FlowTerms` and the toy
-benchmark's ``train_nabla``. The reference's small image noise (2e-3·N(0, 1)) before the reward is
+``forward_looking_reward_grad``, and g_φ at both states; see :class:`FlowTerms` (no training loop
+drives it yet: the trainer, r2d3ray/train/updates.py, rejects ``learned_flow``). The reference's small image noise (2e-3·N(0, 1)) before the reward is
 ``reward_grad``'s business.
 
 Departures from the reference, on purpose:

@@ -25,6 +25,7 @@ from diffusers import DPMSolverMultistepScheduler
 from torch import nn
 
 from r2d3ray.errors import UserError
+from r2d3ray.models.lora import adapter_parameters, adapters_disabled, use_adapter
 from r2d3ray.models.mv_attention import PixArtTransformerMV2DModel, set_mv_attention
 from r2d3ray.render.cameras import Cameras
 from r2d3ray.splats import Splats, decode_splatter_images
@@ -235,6 +236,21 @@ class SplatGenerator(nn.Module):
             return_dict=False,
         )[0]
         return out.unflatten(0, (B, V)).to(latents.dtype)  # (B, V, C_out, h, w)
+
+    # The policy's adapters, as the alignment algorithms ask for them (r2d3ray/train/updates.py):
+    # the trained LoRA and its copies live on the denoiser, whichever generator holds it.
+
+    def use_adapter(self, name: str):
+        """Context manager (or plain call) making LoRA adapter ``name`` the active one."""
+        return use_adapter(self.denoiser, name)
+
+    def adapters_disabled(self):
+        """Context manager running the frozen base model: the reference policy."""
+        return adapters_disabled(self.denoiser)
+
+    def adapter_parameters(self, name: str) -> dict[str, torch.nn.Parameter]:
+        """Adapter ``name``'s parameters under adapter-agnostic keys (the same key in every adapter)."""
+        return adapter_parameters(self.denoiser, name)
 
     def eps_from_output(self, raw: torch.Tensor) -> torch.Tensor:
         """ε (B, V, C, h, w) from a raw output: its first C channels (all of them without learned sigma)."""

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import sys
@@ -34,7 +35,7 @@ from ray import serve
 
 from r2d3ray.config import RewardAppConfig
 from r2d3ray.errors import UserError
-from r2d3ray.serve.wire import GRAD_DTYPES, encode_grad, object_store_anchor
+from r2d3ray.serve.wire import GRAD_DTYPES, encode_answer, object_store_anchor
 
 # Rewards compute in a worker thread, and glibc gives each thread an arena that hands freed
 # memory back to the OS at once: every request then page-faults its large tensors in anew
@@ -109,26 +110,25 @@ class RewardServer:
         sizes = [len(p) for p in prompts]
 
         def joined(arrays: list[np.ndarray]) -> torch.Tensor:
-            # One request (the usual case) is used in place: no copy of the shared-memory view.
-            array = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-            return torch.from_numpy(np.asarray(array, dtype=np.float32)).to(self.device)
+            # (sum B, ...) float32 on the reward's device. One request (the usual case) is used in
+            # place: no copy of the shared-memory view on a CPU replica, one transfer to a GPU.
+            if len(arrays) == 1:
+                return torch.from_numpy(arrays[0]).to(self.device, torch.float32)
+            # Several: each copied (and converted) once, straight into its rows of the batch on the
+            # device; no merged copy on the host first.
+            batch = torch.empty((sum(len(a) for a in arrays), *arrays[0].shape[1:]), dtype=torch.float32,
+                                device=self.device)
+            for rows, array in zip(torch.split(batch, [len(a) for a in arrays]), arrays):
+                rows.copy_(torch.from_numpy(array))
+            return batch
 
         batch = joined(images)  # (sum B, V, 3, H, W)
-        extra_batch = {k: joined([e[k] for e in extras]) for k in extras[0]}
+        extra_batch = {k: joined([np.asarray(e[k]) for e in extras]) for k in extras[0]}
         out = self.model.score(batch, [p for ps in prompts for p in ps], extra_batch, with_grad=any(with_grad))
-        values, finite = out.values.float().cpu(), out.finite.cpu()  # finite: value and gradients
-        results, start = [], 0
-        for size, grad_wanted, dtype in zip(sizes, with_grad, grad_dtype):
-            part = slice(start, start + size)
-            start += size
-            result = {"values": values[part].numpy(), "finite": finite[part].numpy(), "grads": None, "extra_grads": {}}
-            if grad_wanted:
-                result["grads"] = encode_grad(out.grads[part].float().cpu(), dtype)
-                result["extra_grads"] = {
-                    k: encode_grad(g[part].float().cpu(), dtype) for k, g in out.extra_grads.items()
-                }
-            results.append(result)
-        return results
+        # Each request's rows of the batch's answer, gradients converted to its dtype on the device.
+        ends = list(itertools.accumulate(sizes))
+        return [encode_answer(out, slice(end - size, end), grad_wanted, dtype)
+                for size, end, grad_wanted, dtype in zip(sizes, ends, with_grad, grad_dtype)]
 
     async def _score_batch(self, images: list, prompts: list, extras: list, with_grad: list, grad_dtype: list) -> list:
         """One result (dict or Exception) per request; requests are grouped by what can be merged."""
@@ -180,7 +180,8 @@ def build_app(cfg: RewardAppConfig):
             name=d.name,
             # Serve merges these env_vars into the job's runtime_env (working_dir and all stay).
             ray_actor_options={
-                "num_cpus": d.num_cpus, "num_gpus": d.num_gpus, "runtime_env": {"env_vars": REPLICA_ENV},
+                "num_cpus": d.num_cpus, "num_gpus": d.num_gpus, "resources": d.resources,
+                "runtime_env": {"env_vars": REPLICA_ENV},
             },
             max_ongoing_requests=d.max_ongoing_requests,
             max_queued_requests=d.max_queued_requests,

@@ -161,8 +161,18 @@ def _check_reward_app(cfg: R2D3Config) -> RewardAppConfig:
             if not differentiable:
                 raise LaunchError(
                     f"algorithm {cfg.algorithm.name!r} trains on reward gradients, but reward term {term.name!r} "
-                    f"(reward {models[term.name]!r}) has values only; use algorithm.name=nft, which needs values "
-                    "only, or a differentiable reward")
+                    f"(reward {models[term.name]!r}) has values only; use algorithm.name=nft or grpo, which need "
+                    "values only, or a differentiable reward")
+    if cfg.algorithm.name == "nabla":
+        # Nabla's reward_context stops the gradient through rendered depths for every reward; a dnc
+        # deployment also has its own. Two answers to one question must agree.
+        context = cfg.algorithm.nabla.reward_context
+        deployments = {d.name: d for d in app.deployments}
+        for term in cfg.rewards.terms:
+            own = deployments[term.name].kwargs.get("reward_context")
+            if own is not None and own != context:
+                raise LaunchError(f"algorithm.nabla.reward_context is {context!r} but reward term {term.name!r} is "
+                                  f"deployed with reward_context {own!r} in {cfg.rewards.app_config}; make them equal")
     return app
 
 
@@ -352,14 +362,32 @@ def launch(cfg: R2D3Config, address: str | None = None, dry_run: bool = False, s
         result = trainer.fit()
     except Exception as err:
         latest = None if is_uri(plan.storage_path) else _latest_checkpoint(Path(plan.storage_path) / cfg.name)
-        text = str(err)
-        component = ("configuration" if "ConfigError" in text else
-                     "reward endpoint" if "RewardPlaneError" in text or "reward " in text.lower() else
-                     "storage" if any(s in text for s in ("No space left", "Permission denied", plan.storage_path))
-                     else "training worker")
-        raise LaunchError(f"{component} failed: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}\n"
+        component, cause = failed_component(err)
+        detail = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+        raise LaunchError(f"{component} failed: {type(cause).__name__}: {detail}\n"
                           f"last checkpoint: {latest or 'none yet'}; re-run the same command to resume from it") from err
     return result
+
+
+def failed_component(err: BaseException) -> tuple[str, BaseException]:
+    """What a failed ``trainer.fit()`` failed on, by the type of the first worker's exception:
+    "configuration", "reward endpoint", "storage" or "training worker"; and that exception."""
+    import errno
+
+    from r2d3ray.config import ConfigError
+    from r2d3ray.serve.client import RewardPlaneError
+
+    causes = [*getattr(err, "worker_failures", {}).values(), getattr(err, "controller_failure", None), err]
+    # Ray Train wraps each worker's exception with its traceback string (UserExceptionWithTraceback).
+    causes = [getattr(c, "_base_exc", c) for c in causes if c is not None]
+    for cause in causes:
+        if isinstance(cause, ConfigError):
+            return "configuration", cause
+        if isinstance(cause, RewardPlaneError):
+            return "reward endpoint", cause
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+            return "storage", cause
+    return "training worker", causes[0]
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:

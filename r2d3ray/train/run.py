@@ -1,17 +1,15 @@
 """The plumbing under the train loop: model, DeepSpeed engine, reward plane, MLflow, checkpoints.
 
-`TrainingRun` is what `train_loop_per_worker` talks to, so the loop itself reads like the
-algorithm. One instance per Ray Train worker; rank 0 alone writes MLflow. Everything a resume needs
-(LoRA adapters, DeepSpeed state, the stale trajectories, RNG states, prompt position, MLflow run
-id) goes into every checkpoint (`save_checkpoint`), and `TrainingRun.start` restores it when Ray
-Train hands the worker a checkpoint (a restarted worker, or a re-run under the same run name).
+`TrainingRun` is what `train_loop_per_worker` and the algorithms (r2d3ray/train/updates.py) talk to,
+so the loop itself reads like the algorithm. One instance per Ray Train worker; rank 0 alone writes
+MLflow. `TrainingRun.start` builds a worker's collaborators (generator on Ray Train's device, LoRA
+adapters, reward plane, DeepSpeed engine, MLflow tracker) and restores the checkpoint Ray Train hands
+the worker (a restarted worker, or a re-run under the same run name: r2d3ray/train/checkpoint.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import tempfile
 import time
 from contextlib import contextmanager
@@ -25,12 +23,13 @@ from r2d3ray.config import R2D3Config, load_reward_app_config
 from r2d3ray.eval.prompts import training_prompts
 from r2d3ray.infer import write_outputs
 from r2d3ray.models.loading import check_on_device, load_generator
-from r2d3ray.models.lora import adapters_disabled, add_lora_adapter, load_lora, save_lora, use_adapter
+from r2d3ray.models.lora import save_lora
 from r2d3ray.models.pipeline import Rollout, SplatPipeline
-from r2d3ray.render.cameras import default_rig, jittered_rig
+from r2d3ray.render.cameras import default_rig, render_rig
 from r2d3ray.render.pictures import grid_image
 from r2d3ray.tracking import Tracker, git_commit, resolve_tracking_uri
-from r2d3ray.train.updates import blend_adapter_
+from r2d3ray.train.adapters import add_adapters, deployed_adapter
+from r2d3ray.train.checkpoint import restore_checkpoint, save_checkpoint
 
 EVAL_SEED = 0  # the evaluation pictures' noise: the same at every step, so they compare
 NUM_DEFAULT_EVAL_PROMPTS = 4  # without tracking.eval_prompts, the first training prompts
@@ -45,92 +44,89 @@ def reward_needs(cfg: R2D3Config) -> frozenset[str]:
     return frozenset().union(*(reward_class(models[t.name]).needs for t in cfg.rewards.terms))
 
 
+def connect_rewards(cfg: R2D3Config, needs: frozenset[str], rank: int, served: bool):
+    """The reward plane: the Serve app's deployments (or the same rewards in-process)."""
+    from r2d3ray.rewards.combiner import CombinedReward, RewardCombiner
+    from r2d3ray.rewards.registry import rewards_from_app_config
+    from r2d3ray.serve.client import LocalRewards, ServedRewards
+
+    r = cfg.rewards
+    weights = {t.name: t.weight for t in r.terms}
+    combining = {"aggregate": r.aggregate, "views_per_sample": r.views_per_sample, "noise_std": r.noise_std,
+                 "seed": cfg.training.seed * 1000 + rank}
+    if served:
+        return ServedRewards(r.app_name, RewardCombiner(weights, needs=needs, **combining),
+                             timeout_s=r.request_timeout_s, retry_budget_s=r.retry_budget_s, grad_dtype=r.grad_dtype)
+    return LocalRewards(CombinedReward(rewards_from_app_config(r.app_config, weights), weights, **combining))
+
+
 class TrainingRun:
-    def __init__(self, cfg: R2D3Config, rank: int, world_size: int):
+    """One worker's run, built from its collaborators: ``pipeline`` (generator with its adapters, and
+    sampler), ``rewards`` (the reward plane), ``engine`` (DeepSpeed's, or ``engine.LocalEngine``),
+    ``tracker`` (MLflow; inactive off rank 0) and the ``prompt_pool`` it draws training prompts from."""
+
+    def __init__(self, cfg: R2D3Config, pipeline: SplatPipeline, rewards, engine, tracker: Tracker,
+                 prompt_pool: list[str], needs: frozenset[str] = frozenset(), rank: int = 0, world_size: int = 1):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.pipeline, self.rewards, self.engine, self.tracker = pipeline, rewards, engine, tracker
+        self.prompt_pool, self.needs = prompt_pool, needs
         self.epoch, self.global_step = 0, 0
         self.stale: Rollout | None = None  # the previous epoch's trajectories (Nabla's "stale" mode)
         self.times: dict[str, float] = {}
         self.metric_sums: dict[str, list[float]] = {}
         self.started = time.monotonic()
         self.rng = torch.Generator().manual_seed(cfg.training.seed * 1000 + rank)
-
-    # ------------------------------------------------------------------ setup
+        self.eval_prompts = cfg.tracking.eval_prompts or prompt_pool[:NUM_DEFAULT_EVAL_PROMPTS]
+        self._first_epoch = 0
 
     @classmethod
-    def start(cls, cfg: R2D3Config, micro_steps_per_update, served: bool = True) -> TrainingRun:
-        """Set up this worker; `micro_steps_per_update(run)` gives DeepSpeed's accumulation count."""
+    def start(cls, cfg: R2D3Config, micro_steps_per_update: int, served: bool = True) -> TrainingRun:
+        """Set up this Ray Train worker; ``micro_steps_per_update`` is DeepSpeed's accumulation count."""
+        import random
+
         import ray.train
         import ray.train.torch
 
+        from r2d3ray.train.engine import deepspeed_engine
+
         ctx = ray.train.get_context()
-        run = cls(cfg, ctx.get_world_rank(), ctx.get_world_size())
-        random.seed(cfg.training.seed + run.rank)
-        np.random.seed(cfg.training.seed + run.rank)
-        torch.manual_seed(cfg.training.seed + run.rank)
+        rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+        random.seed(cfg.training.seed + rank)
+        np.random.seed(cfg.training.seed + rank)
+        torch.manual_seed(cfg.training.seed + rank)
 
         # Every tensor of the run lives on the device Ray Train gives this worker.
         device = ray.train.torch.get_device()
         generator = load_generator(cfg, device)
-        add_adapters(generator.denoiser, cfg)
+        add_adapters(generator, cfg)
         check_on_device(generator, device)
-        run.prompt_pool = training_prompts(cfg)
-        run.pipeline = SplatPipeline(generator, cfg.sampling.num_steps, cfg.sampling.eta, cfg.sampling.guidance_scale, cfg.render.gaussian_convention)
-        run.needs = reward_needs(cfg)
-        run.rewards = run._connect_rewards(served)
-        run.engine = run._deepspeed_engine(micro_steps_per_update(run))
+        pipeline = SplatPipeline(generator, cfg.sampling.num_steps, cfg.sampling.eta, cfg.sampling.guidance_scale,
+                                 cfg.render.gaussian_convention)
+        needs = reward_needs(cfg)
+        tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir), cfg.tracking.experiment,
+                          active=rank == 0)
+        run = cls(cfg, pipeline, connect_rewards(cfg, needs, rank, served),
+                  deepspeed_engine(cfg, generator.denoiser, micro_steps_per_update), tracker, training_prompts(cfg),
+                  needs, rank, world_size)
 
-        run.tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir),
-                              cfg.tracking.experiment, active=run.rank == 0)
         checkpoint = ray.train.get_checkpoint()
         run_id = None
         if checkpoint is not None:
             with checkpoint.as_directory() as path:
-                run_id = run._restore(Path(path))
-        run.tracker.start(cfg.name, run_id=run_id, system_metrics=cfg.tracking.system_metrics, tags={"algorithm": cfg.algorithm.name,
-                                                          "rewards": ",".join(t.name for t in cfg.rewards.terms)})
-        run.tracker.log_params({**cfg.flat(), "git_commit": git_commit(Path(__file__).parent)})
-        run.eval_prompts = cfg.tracking.eval_prompts or run.prompt_pool[:NUM_DEFAULT_EVAL_PROMPTS]
-        run.base_views = run.eval_views(run.eval_latents(base=True))
-        if run_id is None:  # a fresh run: step 0 shows the base model beside the untrained policy
-            run.log_pictures(step=0)
+                run_id = restore_checkpoint(run, Path(path))
+        run.open_tracking(run_id)
         return run
 
-    def _connect_rewards(self, served: bool):
-        """The reward plane: the Serve app's deployments (or the same rewards in-process)."""
-        from r2d3ray.rewards.registry import RewardCombiner, build_reward
-        from r2d3ray.serve.client import LocalRewards, RewardPlane, ServedRewards
-
-        r = self.cfg.rewards
-        terms = [(t.name, t.weight) for t in r.terms]
-        if served:
-            client = ServedRewards(r.app_name, terms, timeout_s=r.request_timeout_s, retry_budget_s=r.retry_budget_s,
-                                   grad_dtype=r.grad_dtype)
-        else:
-            app = {d.name: d for d in load_reward_app_config(r.app_config).deployments}
-            client = LocalRewards({name: (build_reward(app[name].reward, **app[name].kwargs), w) for name, w in terms})
-        combiner = RewardCombiner(dict(terms), r.aggregate, r.views_per_sample, r.noise_std,
-                                  seed=self.cfg.training.seed * 1000 + self.rank, needs=self.needs)
-        return RewardPlane(client, combiner)
-
-    def _deepspeed_engine(self, micro_steps_per_update: int):
-        import deepspeed
-        from diffusers.optimization import get_scheduler
-
-        from r2d3ray.train.deepspeed_config import build_deepspeed_config
-
-        t = self.cfg.training
-        denoiser = self.pipeline.generator.denoiser
-        params = [p for p in denoiser.parameters() if p.requires_grad]  # the policy adapter only
-        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
-        # DeepSpeed steps the schedule with the optimizer and keeps its state in its checkpoints.
-        schedule = get_scheduler(t.lr_schedule if t.lr_schedule != "constant" else "constant_with_warmup", optimizer,
-                                 num_warmup_steps=t.lr_warmup_steps,
-                                 num_training_steps=t.epochs * self.cfg.optimizer_steps_per_epoch())
-        ds_config = build_deepspeed_config(t, micro_steps_per_update)
-        engine, _, _, _ = deepspeed.initialize(model=denoiser, optimizer=optimizer, model_parameters=params,
-                                               lr_scheduler=schedule, config=ds_config)
-        return engine
+    def open_tracking(self, run_id: str | None) -> None:
+        """Open (or, resumed, continue) the MLflow run; a fresh run's step 0 shows the base model beside
+        the untrained policy."""
+        cfg = self.cfg
+        self.tracker.start(cfg.name, run_id=run_id, system_metrics=cfg.tracking.system_metrics,
+                           tags={"algorithm": cfg.algorithm.name, "rewards": ",".join(t.name for t in cfg.rewards.terms)})
+        self.tracker.log_params({**cfg.flat(), "git_commit": git_commit(Path(__file__).parent)})
+        self.base_views = self.eval_views(self.eval_latents(base=True))
+        if run_id is None:
+            self.log_pictures(step=0)
 
     # ------------------------------------------------------------------ what the loop calls
 
@@ -148,13 +144,7 @@ class TrainingRun:
 
     def reward_cameras(self, batch_size: int):
         """The views rewards see: random-view jitter (the reference's random_view) or the default rig."""
-        r = self.cfg.render
-        if r.random_view:
-            cameras = jittered_rig(r.num_views, r.size, r.azi_delta_deg, r.elevation_deg, r.elevation_delta_deg,
-                                   generator=self.rng, batch_size=batch_size)
-        else:
-            cameras = default_rig(r.num_views, r.size)
-        return cameras.to(self.pipeline.generator.device)
+        return render_rig(self.cfg.render, generator=self.rng, batch_size=batch_size).to(self.pipeline.generator.device)
 
     @contextmanager
     def timer(self, name: str):
@@ -184,8 +174,9 @@ class TrainingRun:
 
     def end_epoch(self, epoch: int, samples: int) -> dict[str, float]:
         """After epoch ``epoch`` (−1: the sampling-only one): report to Ray Train, with a checkpoint every
-        `checkpoint_every` trained epochs and after the last; log to MLflow at step = trained epochs done
-        (so the sampling-only epoch's rewards sit at step 0 with the pictures before training); print progress."""
+        `checkpoint_every` trained epochs and after the last; log to MLflow at step = optimizer steps done,
+        with the epoch as a metric (so the sampling-only epoch's rewards sit at step 0 with the pictures
+        before training); print progress."""
         import ray.train
         from ray.train import Checkpoint
 
@@ -202,17 +193,17 @@ class TrainingRun:
 
         if trained and (self.epoch % self.cfg.training.checkpoint_every == 0 or self.epoch == epochs):
             with tempfile.TemporaryDirectory() as tmp:
-                self._save(Path(tmp))
+                save_checkpoint(self, Path(tmp))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
         # Logged after the checkpoint: a worker killed in between redoes the epoch without a duplicate step.
         # Only rank 0 knows what MLflow holds, and pictures sample on every rank (a collective under
         # ZeRO-3), so all ranks follow rank 0's answer: an epoch redone after a restart logs no duplicate.
-        first_time = self.rank0_decides(self.epoch > self.tracker.last_logged_step)
-        self.tracker.log_metrics(metrics, step=self.epoch)
+        first_time = self.rank0_decides(self.global_step > self.tracker.last_logged_step)
+        self.tracker.log_metrics(metrics, step=self.global_step)
         if trained and first_time and (self.epoch % self.cfg.tracking.log_images_every == 0 or self.epoch == epochs):
-            self.log_pictures(step=self.epoch)
+            self.log_pictures(step=self.global_step)
         if self.rank == 0:
             per_epoch = (time.monotonic() - self.started) / max(self.epoch - self._first_epoch, 1)
             left = per_epoch * (epochs - self.epoch)
@@ -238,8 +229,8 @@ class TrainingRun:
         """Clean latents (B, V, C, h, w) of the evaluation prompts from fixed noise, by the deployed
         adapter (the policy, or DiffusionNFT's EMA of it) or (``base``) the frozen base model. Every rank
         runs it: under ZeRO-3 a forward gathers the parameters collectively."""
-        denoiser = self.pipeline.generator.denoiser
-        with adapters_disabled(denoiser) if base else use_adapter(denoiser, self.deployed_adapter):
+        policy = self.pipeline.generator
+        with policy.adapters_disabled() if base else policy.use_adapter(deployed_adapter(self.cfg)):
             return self.pipeline.sample(self.eval_prompts, torch.Generator().manual_seed(EVAL_SEED)).final
 
     def eval_views(self, latents: torch.Tensor) -> torch.Tensor:
@@ -248,7 +239,7 @@ class TrainingRun:
         return self.pipeline.render(latents, cameras)["images"]
 
     def log_pictures(self, step: int) -> None:
-        """MLflow image ``eval/base_vs_policy`` at ``step`` (epochs done): one row per evaluation
+        """MLflow image ``eval/base_vs_policy`` at ``step`` (optimizer steps done): one row per evaluation
         prompt, the base model's views on the left, the policy's (its EMA when kept) on the right, same noise."""
         policy_views = self.eval_views(self.eval_latents())  # (B, V, 3, H, W)
         rows = torch.cat([self.base_views, policy_views], dim=1)  # (B, 2V, 3, H, W)
@@ -262,88 +253,10 @@ class TrainingRun:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp)
                 write_outputs(self.pipeline, self.eval_prompts, latents, out / "eval", size=self.cfg.render.size)
-                save_lora(self.pipeline.generator.denoiser, out / "lora", adapter=self.deployed_adapter)
+                save_lora(self.pipeline.generator.denoiser, out / "lora", adapter=deployed_adapter(self.cfg))
                 (out / "config.yaml").write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
                 self.tracker.log_artifact(out)
         self.tracker.end()
-
-    # ------------------------------------------------------------------ checkpoints
-
-    _first_epoch = 0
-
-    def _save(self, path: Path) -> None:
-        """Every rank writes its part; Ray Train merges the directories into one checkpoint."""
-        denoiser = self.pipeline.generator.denoiser
-        self.engine.save_checkpoint(str(path / "deepspeed"), tag="engine", exclude_frozen_parameters=True)
-        torch.save({"rng": self.rng.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                    "python": random.getstate(),
-                    # On the CPU: a restarted worker may get another GPU index, or another node.
-                    "stale": None if self.stale is None else self.stale.to("cpu")},
-                   path / f"worker_state_rank{self.rank}.pt")
-        if self.rank == 0:
-            self.save_adapters(path)
-            (path / "state.json").write_text(json.dumps({
-                "epoch": self.epoch, "global_step": self.global_step, "mlflow_run_id": self.tracker.run_id,
-                "config": self.cfg.model_dump(mode="json"),
-            }, indent=1))
-        use_adapter(denoiser, "policy")
-
-    def _restore(self, path: Path) -> str | None:
-        state = json.loads((path / "state.json").read_text())
-        self.restore_adapters(path)
-        self.engine.load_checkpoint(str(path / "deepspeed"), tag="engine", load_module_strict=False)
-        worker = torch.load(path / f"worker_state_rank{self.rank}.pt", weights_only=False)
-        self.rng.set_state(worker["rng"])
-        torch.set_rng_state(worker["torch"])
-        np.random.set_state(worker["numpy"])
-        random.setstate(worker["python"])
-        self.stale = None if worker["stale"] is None else worker["stale"].to(self.pipeline.generator.device)
-        self.epoch, self.global_step = state["epoch"], state["global_step"]
-        if self.rank == 0:
-            print(f"[r2d3ray] resumed from {path} after {self.epoch} trained epochs", flush=True)
-        return state["mlflow_run_id"]
-
-    @property
-    def deployed_adapter(self) -> str:
-        """The adapter the evaluation pictures, the final LoRA and a checkpoint's ``lora/`` come from:
-        DiffusionNFT's EMA when it keeps one (as its reference evaluates and saves), else the policy."""
-        return "ema" if "ema" in policy_copies(self.cfg) else "policy"
-
-    def _lora_dir(self, adapter: str) -> str:
-        """A checkpoint's folder for ``adapter``: ``lora`` for the deployed one (what eval, infer and the
-        demo load, by diffusers/peft as it is), ``lora_<adapter>`` for the others (``lora_old``, and
-        ``lora_policy`` when the EMA is deployed)."""
-        return "lora" if adapter == self.deployed_adapter else f"lora_{adapter}"
-
-    def save_adapters(self, path: Path) -> None:
-        denoiser = self.pipeline.generator.denoiser
-        for adapter in ("policy", *policy_copies(self.cfg)):
-            save_lora(denoiser, path / self._lora_dir(adapter), adapter=adapter)
-
-    def restore_adapters(self, path: Path) -> None:
-        denoiser = self.pipeline.generator.denoiser
-        for adapter in ("policy", *policy_copies(self.cfg)):
-            load_lora(denoiser, path / self._lora_dir(adapter), adapter=adapter)
-        use_adapter(denoiser, "policy")  # loading made each adapter active in turn
-
-
-def policy_copies(cfg: R2D3Config) -> tuple[str, ...]:
-    """Adapters beside "policy" that follow it: DiffusionNFT's behaviour policy "old" and, with
-    ema_decay > 0, its evaluation EMA "ema"."""
-    if cfg.algorithm.name != "nft":
-        return ()
-    return ("old", "ema") if cfg.algorithm.nft.ema_decay > 0 else ("old",)
-
-
-def add_adapters(denoiser, cfg: R2D3Config) -> None:
-    """The trained "policy" LoRA adapter and its `policy_copies`, each an exact copy of it at the start
-    (as DiffusionNFT copies its adapter into "old"; a checkpoint may overwrite them); "policy" ends active."""
-    for adapter in ("policy", *policy_copies(cfg)):
-        add_lora_adapter(denoiser, adapter, rank=cfg.lora.rank, alpha=cfg.lora.alpha, init=cfg.lora.init,
-                         target_modules=cfg.lora.target_modules)
-        if adapter != "policy":
-            blend_adapter_(denoiser, adapter, "policy", decay=0.0)
-    use_adapter(denoiser, "policy")
 
 
 def local_rank_env() -> None:

@@ -1,63 +1,103 @@
 """One class per alignment algorithm: how it collects data, batches it, and updates the policy.
 
-Each class binds an algorithm's loss (r2d3ray/algorithms) to the generator, sampler, renderer
-and reward plane of a `TrainingRun`. The loss code never sees Ray: rewards and their image
-gradients come back from `run.rewards` as tensors, and pushing a gradient back through renderer,
-decoder and policy is a local `torch.autograd.grad`.
+The trainer (r2d3ray/train/loop.py) and the toy benchmark (benchmarks/toy_alignment.py) drive these
+same classes; each binds an algorithm's loss (r2d3ray/algorithms) to what a run provides:
 
-Reward requests overlap with compute: Nabla sends the render of x̂0(x_{t-1}) of the next
-transition before the current one's backward, and computes that backward and the next transition's
-policy score while the reward is in flight (behind a batch's first request: its reference scores);
-NFT sends each sampling batch's renders and samples the next batch meanwhile.
+- a **policy**, ``run.pipeline.generator``: ``encode_prompts``, ``predict(x, t, cond, guidance_scale)``
+  (raw output), ``eps_from_output``, and its adapters: ``use_adapter(name)``, ``adapters_disabled()``
+  (the frozen reference), ``adapter_parameters(name)``;
+- a **sampler**, ``run.pipeline``: ``sample`` (SDE rollouts), ``sample_ode``, ``initial_noise``,
+  ``render`` (latents to the views rewards read) and ``sampler`` (SDE-DPM-Solver++ with scores);
+- a **reward plane**, ``run.rewards.submit(views, prompts, with_grad)``, whose ``.result()`` is the
+  per-object objective ``rewards`` (B,), ``finite`` (B,), ``components`` and, with grad, the image
+  gradients ``grads``/``extra_grads`` (the loss code never sees Ray);
+- the optimizer, ``run.step(loss)`` (True when it stepped), and ``run.record``, ``run.rng``,
+  ``run.next_prompts``, ``run.reward_cameras``, ``run.needs``, ``run.global_step``, ``run.rank``,
+  ``run.cfg``.
 
-Batching as the reference: each epoch's trajectories are trained in shuffled micro-batches of
-``training.micro_batch_size``, and the optimizer steps once per ``gradient_accumulation_steps``
-trajectories, so DeepSpeed accumulates (gradient_accumulation_steps / micro_batch_size) micro-batches
-times the transitions each trajectory trains (``micro_steps_per_update``).
+Every algorithm collects a :class:`Batch` and trains it in shuffled micro-batches of
+``training.micro_batch_size``; the optimizer steps once per ``gradient_accumulation_steps``
+trajectories, so it accumulates (gradient_accumulation_steps / micro_batch_size) micro-batches times
+the transitions each trajectory trains (``micro_steps_per_update``), as the references do.
+
+Reward requests overlap with compute: Nabla keeps the next transition's request in flight
+(:class:`RequestAhead`) while it computes the current one's backward; NFT and GRPO send each sampling
+batch's renders and sample the next batch meanwhile.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 import torch
 
+from r2d3ray.algorithms.grpo import GRPO, group_advantages, transition_log_prob
 from r2d3ray.algorithms.nabla import NablaR2D3, pull_back, render_at_x0, transition_scores
 from r2d3ray.algorithms.nft import DiffusionNFT, ema_decay_at, old_policy_decay, optimality_probability, soft_update_
 from r2d3ray.algorithms.reward_backprop import RewardBackprop
 from r2d3ray.algorithms.subsampling import num_train_steps
-from r2d3ray.models.lora import adapter_parameters, adapters_disabled, use_adapter
+from r2d3ray.config import R2D3Config
 from r2d3ray.models.pipeline import Rollout
 from r2d3ray.models.schedulers import predict_x0
-from r2d3ray.serve.client import PendingObjective
 
 
-def _log_rewards(run, out, prefix: str = "reward") -> None:
-    run.record({f"{prefix}/mean": out.rewards.mean(), f"{prefix}/std": out.rewards.std(unbiased=False)})
-    for name, per_view in out.components.items():
+@dataclass
+class Batch:
+    """What an algorithm trains on: B prompts and what it collected for them (an epoch's worth from
+    ``collect``, a micro-batch from ``batches``). Unused fields stay None.
+
+    trajectories: SDE rollouts (Nabla-R2D3, GRPO); clean: (B, V, C, h, w) ODE samples (DiffusionNFT);
+    targets: (B,) DiffusionNFT's optimality r or GRPO's advantages; weight: (B,) 1 trained, 0 left out
+    (a non-finite reward: kept so every rank makes the same backward calls); old_log_probs: (B, T) the
+    sampling policy's transition log-probabilities (GRPO).
+    """
+
+    prompts: list[str]
+    trajectories: Rollout | None = None
+    clean: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    old_log_probs: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, index: torch.Tensor) -> Batch:
+        picked = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in picked.items():
+            if isinstance(value, (torch.Tensor, Rollout)):
+                picked[name] = value.select(index) if isinstance(value, Rollout) else value[index.to(value.device)]
+        return replace(self, **{**picked, "prompts": [self.prompts[i] for i in index.tolist()]})
+
+
+class RequestAhead:
+    """One reward request in flight ahead of the one being used: ``request(k)`` sends request k and
+    returns its handle; the first is sent on construction, the next by ``send_next``."""
+
+    def __init__(self, request: Callable[[int], object], count: int):
+        self._request, self._count, self._sent = request, count, 0
+        self._queued = None
+        self.send_next()
+
+    def send_next(self) -> None:
+        if self._sent < self._count:
+            self._queued, self._sent = self._request(self._sent), self._sent + 1
+
+    def take(self):
+        taken, self._queued = self._queued, None
+        return taken
+
+
+def log_rewards(run, answer, prefix: str = "reward") -> None:
+    run.record({f"{prefix}/mean": answer.rewards.nanmean(), f"{prefix}/std": answer.rewards.std(unbiased=False)})
+    for name, per_view in answer.components.items():
         run.record({f"{prefix}/{name}": per_view.nanmean()})
 
 
-def _stack_views(views: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
-    return torch.cat([views[k] for k in keys], dim=2)  # (B, V, sum of channels, H, W)
-
-
-def micro_batches_per_update(run) -> int:
-    t = run.cfg.training
-    return t.gradient_accumulation_steps // t.micro_batch_size  # the config checks it divides
-
-
-def shuffled_micro_batches(run, count: int):
-    """Index tensors (micro_batch_size,) into ``count`` trajectories, shuffled with the run's generator."""
-    order = torch.randperm(count, generator=run.rng)
-    size = run.cfg.training.micro_batch_size
-    return [order[start:start + size] for start in range(0, count, size)]
-
-
-def blend_adapter_(denoiser, target: str, source: str, decay: float) -> None:
+def blend_adapter_(policy, target: str, source: str, decay: float) -> None:
     """Adapter ``target`` ← decay·target + (1 − decay)·source, weights paired by name; decay 0 copies."""
-    targets, sources = adapter_parameters(denoiser, target), adapter_parameters(denoiser, source)
+    targets, sources = policy.adapter_parameters(target), policy.adapter_parameters(source)
     soft_update_([targets[k] for k in sources], list(sources.values()), decay)
 
 
@@ -73,29 +113,86 @@ def all_gather_objects(obj) -> list:
     return gathered
 
 
-def worker_optimality(rewards: torch.Tensor, prompts: list[str], adv_clip_max: float,
-                      all_gather: Callable[[object], list] | None = None, rank: int = 0) -> torch.Tensor:
-    """DiffusionNFT's r (N,) for this worker's N samples. Rewards (N,) may be NaN/Inf: they count as
-    the mean of the finite ones. With ``all_gather`` (every worker's object in rank order) the
-    per-prompt means and the global std are those of all workers' samples, as the reference gathers
-    them before its stat tracker, and this worker (``rank``) takes its own rows; without, this
-    worker's samples alone."""
+def per_prompt_statistic(statistic: Callable[[torch.Tensor, list[str]], torch.Tensor], rewards: torch.Tensor,
+                         prompts: list[str], all_gather: Callable[[object], list] | None = None,
+                         rank: int = 0) -> torch.Tensor:
+    """``statistic(rewards, prompts)`` (N,) → (N,) for this worker's N samples. Rewards may be NaN/Inf:
+    they count as the mean of the finite ones. With ``all_gather`` (every worker's object in rank order)
+    it is computed over all workers' samples, as the references gather them before their stat tracker,
+    and this worker (``rank``) takes its own rows; without, over this worker's samples alone."""
     mine = (rewards.tolist(), list(prompts))
     gathered, rank = (all_gather(mine), rank) if all_gather else ([mine], 0)  # [(rewards, prompts) of each rank]
     everyone = torch.tensor([v for values, _ in gathered for v in values], dtype=torch.float64)  # (sum of N,)
     finite = torch.isfinite(everyone)
     fill = everyone[finite].mean() if finite.any() else torch.tensor(0.0, dtype=torch.float64)
-    r = optimality_probability(torch.where(finite, everyone, fill), [p for _, names in gathered for p in names],
-                               adv_clip_max)[0]
+    values = statistic(torch.where(finite, everyone, fill), [p for _, names in gathered for p in names])
     start = sum(len(values) for values, _ in gathered[:rank])
-    return r[start:start + len(prompts)]
+    return values[start:start + len(prompts)]
 
 
-class NablaUpdates:
+def worker_optimality(rewards: torch.Tensor, prompts: list[str], adv_clip_max: float,
+                      all_gather: Callable[[object], list] | None = None, rank: int = 0) -> torch.Tensor:
+    """DiffusionNFT's r (N,) for this worker's N samples (see `per_prompt_statistic`)."""
+    return per_prompt_statistic(lambda r, p: optimality_probability(r, p, adv_clip_max)[0], rewards, prompts,
+                                all_gather, rank)
+
+
+def micro_batches_per_update(cfg: R2D3Config) -> int:
+    return cfg.training.gradient_accumulation_steps // cfg.training.micro_batch_size  # the config checks it divides
+
+
+class Algorithm:
+    """What the train loop calls: collect → batches → update per micro-batch → end_epoch."""
+
+    trains_on_previous_samples = False  # True: a sampling-only epoch comes first
+
+    def __init__(self, run):
+        self.run = run
+
+    @staticmethod
+    def micro_steps_per_update(cfg: R2D3Config) -> int:
+        """``run.step`` calls per optimizer step (DeepSpeed's gradient accumulation count)."""
+        raise NotImplementedError
+
+    def collect(self) -> Batch | None:
+        raise NotImplementedError
+
+    def batches(self, data: Batch):
+        """Shuffled micro-batches of ``training.micro_batch_size``, drawn with the run's generator."""
+        order = torch.randperm(len(data), generator=self.run.rng)
+        size = self.run.cfg.training.micro_batch_size
+        for start in range(0, len(data), size):
+            yield data.select(order[start:start + size])
+
+    def update(self, batch: Batch) -> None:
+        raise NotImplementedError
+
+    def end_epoch(self) -> None:
+        pass
+
+
+def train_epoch(run, algorithm: Algorithm) -> int:
+    """One epoch: sample, then train every micro-batch; returns the samples trained (0 when the epoch
+    only samples)."""
+    with run.timer("sample"):
+        data = algorithm.collect()                 # 1 sample with the current (NFT: old) policy
+    samples = 0
+    if data is not None:                           #   (None in a sampling-only epoch)
+        for batch in algorithm.batches(data):      # 2 micro-batches of transitions / re-noised samples
+            with run.timer("train"):
+                algorithm.update(batch)            #   loss -> run.step (backward, optimizer at the boundary)
+            samples += len(batch)
+    with run.timer("train"):
+        algorithm.end_epoch()                      #   (NFT: the old policy follows; Nabla: log sample rewards)
+    return samples
+
+
+class NablaUpdates(Algorithm):
     """Nabla-R2D3: residual ∇-DB on sampled transitions with the forward-looking reward gradient."""
 
     def __init__(self, run):
-        self.run, self.cfg = run, run.cfg.algorithm.nabla
+        super().__init__(run)
+        self.cfg = run.cfg.algorithm.nabla
         self.algo = NablaR2D3(self.cfg)
         self.n_transitions = num_train_steps(run.cfg.sampling.num_steps, self.cfg.timestep_fraction)
         # Stale trajectories: epoch e trains on epoch e−1's samples, so a sampling-only epoch comes first.
@@ -104,11 +201,11 @@ class NablaUpdates:
         self.x0_timestep_shift = run.pipeline.sampler.dt if self.cfg.x0_alpha_one_step_ahead else 0
 
     @staticmethod
-    def micro_steps_per_update(run) -> int:
-        return micro_batches_per_update(run) * num_train_steps(
-            run.cfg.sampling.num_steps, run.cfg.algorithm.nabla.timestep_fraction)
+    def micro_steps_per_update(cfg: R2D3Config) -> int:
+        return micro_batches_per_update(cfg) * num_train_steps(cfg.sampling.num_steps,
+                                                               cfg.algorithm.nabla.timestep_fraction)
 
-    def collect(self) -> Rollout | None:
+    def collect(self) -> Batch | None:
         """This epoch's trajectories from the current policy; returns those to train on (stale or fresh)."""
         run, s = self.run, self.run.cfg.sampling
         rollout = Rollout.cat([run.pipeline.sample(run.next_prompts(s.batch_size), run.rng)
@@ -117,19 +214,16 @@ class NablaUpdates:
             views = run.pipeline.render(rollout.final, run.reward_cameras(len(rollout)), run.needs)
         # Scored for the log only: read at the end of the epoch, so training does not wait for it.
         self.sample_scores = run.rewards.submit(views, rollout.prompts, with_grad=False)
-        if self.cfg.trajectories == "fresh":
-            return rollout
-        train_on, run.stale = run.stale, rollout
-        return train_on  # None in the first epoch: the reference's epoch −1 only samples
+        if self.cfg.trajectories == "stale":
+            rollout, run.stale = run.stale, rollout
+            if rollout is None:
+                return None  # the first epoch: the reference's epoch −1 only samples
+        return Batch(rollout.prompts, trajectories=rollout)
 
-    def batches(self, rollout: Rollout):
-        for index in shuffled_micro_batches(self.run, len(rollout)):
-            yield rollout.select(index)
-
-    def update(self, batch: Rollout) -> None:
-        run, pipe = self.run, self.run.pipeline
-        gen, sampler = pipe.generator, pipe.sampler
-        embeds = gen.encode_prompts(batch.prompts)
+    def update(self, batch: Batch) -> None:
+        run, pipe, trajectories = self.run, self.run.pipeline, batch.trajectories
+        policy, sampler = pipe.generator, pipe.sampler
+        cond = policy.encode_prompts(batch.prompts)
         guidance = run.cfg.sampling.guidance_scale
         B = len(batch)
         steps = self.algo.transition_steps(B, sampler.num_inference_steps, run.rng)  # (B, n), final step first
@@ -138,99 +232,92 @@ class NablaUpdates:
         def transition(k: int):
             """Column k of `steps`: (step index (B,), x_t, x_{t-1} (B, V, C, h, w), t, t_prev (B,))."""
             idx = steps[:, k]
-            return (idx, batch.latents[rows, idx], batch.latents[rows, idx + 1], batch.timesteps[idx],
-                    sampler.prev_timesteps[idx])
+            return (idx, trajectories.latents[rows, idx], trajectories.latents[rows, idx + 1],
+                    trajectories.timesteps[idx], sampler.prev_timesteps[idx])
 
-        def request_reward_grad(k: int) -> _Transition:
-            """1. Forward-looking reward gradient at x_{t-1}: render x̂0_θ(x_{t-1}) and send it."""
+        def request_reward_grad(k: int) -> _RewardAtX0:
+            """Render x̂0_θ(x_{t-1}) of transition k and send it to the reward plane."""
             _, _, x_prev, _, t_prev = transition(k)
-            x_leaf, views = render_at_x0(x_prev, lambda x: self.policy_x0(x, t_prev, embeds),
+            x_leaf, views = render_at_x0(x_prev, lambda x: self.policy_x0(x, t_prev, cond),
                                          lambda x0: pipe.render(x0, run.reward_cameras(B), run.needs))
             if self.cfg.reward_context == "inference" and "depths" in views:
                 views["depths"] = views["depths"].detach()  # depth-derived normals: a stop-gradient target
             pending = run.rewards.submit({k: v.detach() for k, v in views.items()}, batch.prompts, with_grad=True)
-            return _Transition(x_leaf, views, pending)
+            return _RewardAtX0(x_leaf, views, pending)
 
-        def reference_score(k: int) -> torch.Tensor:
-            """The frozen reference's (adapters off) score of transition k, (B, V, C, h, w), no graph."""
-            idx, x_t, x_prev, t, _ = transition(k)
-            with torch.no_grad(), adapters_disabled(gen.denoiser):
-                eps_ref = gen.eps_from_output(gen.predict(x_t, t, embeds, guidance))
-                return transition_scores(sampler, eps_ref, idx, x_t, x_prev).score
-
-        # Each transition's request is in flight while the trainer computes the previous transition's
-        # backward and its own policy score. Sending it early is exact: the optimizer steps only at
-        # the end of a batch (micro_steps_per_update counts every transition of the batch), so θ is
-        # the same. Render graphs are held one at a time (the next one is built after pull_back).
-        # The first request has no backward to hide behind: all the reference scores, which need
-        # no graph, are computed while it is in flight.
-        upcoming = request_reward_grad(0)
-        scores_ref = [reference_score(k) for k in range(steps.shape[1])]
+        # Sending transition k+1's request before k's backward is exact: the optimizer steps only at the
+        # end of a batch, so θ is the same. Render graphs are held one at a time. The first request has
+        # no backward to hide behind: the reference scores, which need no graph, are computed meanwhile.
+        rewards = RequestAhead(request_reward_grad, steps.shape[1])
+        scores_ref = [self.reference_score(*transition(k)[:4], cond) for k in range(steps.shape[1])]
         for k in range(steps.shape[1]):
-            tr = upcoming
             idx, x_t, x_prev, t, t_prev = transition(k)
-
-            # 2. Policy score (with grad) of the sampled transition, beside the reference's.
-            score_ref = scores_ref[k]
-            out_policy = gen.predict(x_t, t, embeds, guidance)
-            score_policy = transition_scores(sampler, gen.eps_from_output(out_policy), idx, x_t, x_prev).score
-
-            # 3. Pull the reward plane's image gradient back to x_{t-1} through renderer and x̂0 (local).
-            result = tr.pending.result()
-            grads = {"images": result.grads, **result.extra_grads}
-            differentiable = [k for k in grads if tr.views[k].requires_grad]
-            reward_grad = pull_back(tr.x_leaf, [tr.views[k] for k in differentiable], [grads[k] for k in differentiable])
-            trusted = result.finite.to(reward_grad.dtype)  # NaN/Inf rewards are never trained on
-            reward_grad = reward_grad * trusted.view(-1, *[1] * (reward_grad.ndim - 1))
-            del tr  # its render graph is spent
-
-            upcoming = request_reward_grad(k + 1) if k + 1 < steps.shape[1] else None
-            loss, terms = self.algo.loss(score_policy, score_ref, reward_grad, sampler.alphas_cumprod_at(t_prev),
-                                         out_policy, batch.outputs[rows, idx])
+            # 1. The policy's score of the sampled transition (with grad), beside the reference's.
+            out_policy = policy.predict(x_t, t, cond, guidance)
+            score_policy = transition_scores(sampler, policy.eps_from_output(out_policy), idx, x_t, x_prev).score
+            # 2. The forward-looking reward gradient at x_{t-1}, pulled back through renderer and x̂0.
+            reward_grad = rewards.take().gradient_at_x_prev()
+            rewards.send_next()  # transition k+1's reward is computed during this backward
+            # 3. Residual ∇-DB with the output regulariser.
+            loss, terms = self.algo.loss(score_policy, scores_ref[k], reward_grad, sampler.alphas_cumprod_at(t_prev),
+                                         out_policy, trajectories.outputs[rows, idx])
             run.step(loss)
             run.record(terms)
 
-    def policy_x0(self, x: torch.Tensor, t: torch.Tensor, embeds) -> torch.Tensor:
+    def reference_score(self, idx, x_t, x_prev, t, cond) -> torch.Tensor:
+        """The frozen reference's (adapters off) score of a transition, (B, V, C, h, w), no graph."""
+        policy = self.run.pipeline.generator
+        with torch.no_grad(), policy.adapters_disabled():
+            eps_ref = policy.eps_from_output(policy.predict(x_t, t, cond, self.run.cfg.sampling.guidance_scale))
+            return transition_scores(self.run.pipeline.sampler, eps_ref, idx, x_t, x_prev).score
+
+    def policy_x0(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """x̂0_θ(x) (B, V, C, h, w) of states x at timesteps t (B,): adapters on, the network's Jacobian
         kept (as the reference); with x0_alpha_one_step_ahead ᾱ is read at t − Δt (clipped at 1)."""
-        gen = self.run.pipeline.generator
-        eps = gen.eps_from_output(gen.predict(x, t, embeds, self.run.cfg.sampling.guidance_scale))
+        policy = self.run.pipeline.generator
+        eps = policy.eps_from_output(policy.predict(x, t, cond, self.run.cfg.sampling.guidance_scale))
         return predict_x0(eps, x, t, self.run.pipeline.sampler.alphas_cumprod, timestep_shift=self.x0_timestep_shift)
 
     def end_epoch(self) -> None:
-        _log_rewards(self.run, self.sample_scores.result())
+        log_rewards(self.run, self.sample_scores.result())
 
 
 @dataclass
-class _Transition:
-    """A Nabla transition whose reward request is in flight."""
+class _RewardAtX0:
+    """A render of x̂0_θ(x_{t-1}) whose reward request is in flight."""
 
-    x_leaf: torch.Tensor       # (B, V, C, h, w) x_{t-1} as a grad leaf
-    views: dict                # the render of x̂0_θ(x_{t-1}), with graph back to x_leaf
-    pending: PendingObjective  # its reward request (values and image gradients)
+    x_leaf: torch.Tensor  # (B, V, C, h, w) x_{t-1} as a grad leaf
+    views: dict           # the render of x̂0_θ(x_{t-1}), with graph back to x_leaf
+    pending: object       # its reward request (values and image gradients)
+
+    def gradient_at_x_prev(self) -> torch.Tensor:
+        """∇_{x_{t-1}} R(render(x̂0_θ(x_{t-1}))) (B, V, C, h, w); zero for objects whose reward was NaN/Inf."""
+        answer = self.pending.result()
+        grads = {"images": answer.grads, **answer.extra_grads}
+        differentiable = [key for key in grads if self.views[key].requires_grad]
+        grad = pull_back(self.x_leaf, [self.views[key] for key in differentiable], [grads[key] for key in differentiable])
+        trusted = answer.finite.to(grad.dtype)  # NaN/Inf rewards are never trained on
+        return grad * trusted.view(-1, *[1] * (grad.ndim - 1))
 
 
-class NFTUpdates:
+class NFTUpdates(Algorithm):
     """DiffusionNFT: CFG-free ODE samples from the old policy, negative-aware loss on re-noised samples."""
 
-    trains_on_previous_samples = False
-
     def __init__(self, run):
-        self.run, self.cfg = run, run.cfg.algorithm.nft
+        super().__init__(run)
+        self.cfg = run.cfg.algorithm.nft
         self.algo = DiffusionNFT(self.cfg)
 
     @staticmethod
-    def micro_steps_per_update(run) -> int:
-        return micro_batches_per_update(run) * num_train_steps(
-            run.cfg.sampling.num_steps, run.cfg.algorithm.nft.timestep_fraction)
+    def micro_steps_per_update(cfg: R2D3Config) -> int:
+        return micro_batches_per_update(cfg) * num_train_steps(cfg.sampling.num_steps, cfg.algorithm.nft.timestep_fraction)
 
-    def collect(self) -> dict:
+    def collect(self) -> Batch:
         """Groups of G samples per prompt from the old policy; rewards requested while the next batch samples."""
         run, s = self.run, self.run.cfg.sampling
-        gen = run.pipeline.generator
         per_batch = max(s.batch_size // self.cfg.group_size, 1)
         clean, prompts, pendings = [], [], []
-        with use_adapter(gen.denoiser, "old"):
+        with run.pipeline.generator.use_adapter("old"):
             for _ in range(s.num_batches_per_epoch):
                 group_prompts = [p for p in run.next_prompts(per_batch) for _ in range(self.cfg.group_size)]
                 x0 = run.pipeline.sample_ode(group_prompts, run.rng, guidance_scale=1.0)  # CFG-free
@@ -239,27 +326,18 @@ class NFTUpdates:
                 pendings.append(run.rewards.submit(views, group_prompts, with_grad=False))
                 clean.append(x0)
                 prompts += group_prompts
-        results = [p.result() for p in pendings]
-        rewards = torch.cat([r.rewards for r in results])
-        finite = torch.cat([r.finite for r in results])
-        for r in results:
-            _log_rewards(run, r)
+        rewards, finite = _epoch_rewards(run, pendings)
         gather = all_gather_objects if self.cfg.reward_stats == "all_workers" else None
         r_opt = worker_optimality(torch.where(finite, rewards, torch.nan), prompts, self.cfg.adv_clip_max,
                                   gather, run.rank)
         # NaN/Inf rewards are never trained on: weight 0, kept so every epoch has the same micro-steps.
-        return {"clean": torch.cat(clean), "r": r_opt, "weight": finite.float(), "prompts": prompts}
+        return Batch(prompts, clean=torch.cat(clean), targets=r_opt, weight=finite.float())
 
-    def batches(self, data: dict):
-        for index in shuffled_micro_batches(self.run, len(data["prompts"])):
-            yield {"clean": data["clean"][index], "r": data["r"][index], "weight": data["weight"][index],
-                   "prompts": [data["prompts"][i] for i in index.tolist()]}
-
-    def update(self, batch: dict) -> None:
+    def update(self, batch: Batch) -> None:
         run = self.run
-        gen, sampler = run.pipeline.generator, run.pipeline.sampler
-        embeds = gen.encode_prompts(batch["prompts"])
-        x0 = batch["clean"]
+        policy, sampler = run.pipeline.generator, run.pipeline.sampler
+        cond = policy.encode_prompts(batch.prompts)
+        x0 = batch.clean
         steps = self.algo.transition_steps(len(x0), sampler.num_inference_steps, run.rng)  # (B, n)
         for k in range(steps.shape[1]):
             t = sampler.timesteps[steps[:, k]]
@@ -267,14 +345,14 @@ class NFTUpdates:
             noise = torch.randn(x0.shape, generator=run.rng).to(x0.device)
             x_t = sampler.add_noise(x0, noise, t)
             with torch.no_grad():
-                with use_adapter(gen.denoiser, "old"):
-                    eps_old = gen.eps_from_output(gen.predict(x_t, t, embeds))
-                with adapters_disabled(gen.denoiser):
-                    eps_ref = gen.eps_from_output(gen.predict(x_t, t, embeds)) if self.cfg.kl_coef > 0 else None
-            eps_policy = gen.eps_from_output(gen.predict(x_t, t, embeds))
+                with policy.use_adapter("old"):
+                    eps_old = policy.eps_from_output(policy.predict(x_t, t, cond))
+                with policy.adapters_disabled():
+                    eps_ref = policy.eps_from_output(policy.predict(x_t, t, cond)) if self.cfg.kl_coef > 0 else None
+            eps_policy = policy.eps_from_output(policy.predict(x_t, t, cond))
             loss, terms = self.algo.loss(eps_policy, eps_old, eps_ref, x_t, x0, sampler.alphas_cumprod_at(t),
-                                         batch["r"], batch["weight"])
-            self.record_output_grad_norms(loss, eps_policy, steps[:, k], batch["weight"])
+                                         batch.targets, batch.weight)
+            self.record_output_grad_norms(loss, eps_policy, steps[:, k], batch.weight)
             if run.step(loss) and self.cfg.ema_decay > 0:
                 self.ema_follows_policy()
             run.record(terms)
@@ -296,58 +374,138 @@ class NFTUpdates:
     def ema_follows_policy(self) -> None:
         """The evaluation EMA ("ema" adapter) after an optimizer step, with the reference's warm-up decay."""
         decay = ema_decay_at(self.run.global_step, self.cfg.ema_decay)
-        blend_adapter_(self.run.pipeline.generator.denoiser, "ema", "policy", decay)
+        blend_adapter_(self.run.pipeline.generator, "ema", "policy", decay)
         self.run.record({"ema_decay": decay})
 
     def end_epoch(self) -> None:
         """The old (behaviour) policy follows the trained one with the reference's decay schedule."""
         decay = old_policy_decay(self.run.global_step, self.cfg.decay_type)
-        blend_adapter_(self.run.pipeline.generator.denoiser, "old", "policy", decay)
+        blend_adapter_(self.run.pipeline.generator, "old", "policy", decay)
         self.run.record({"old_policy_decay": decay})
 
 
-class RewardBackpropUpdates:
-    """ReFL / DRaFT-K: the reward gradient through the last K sampling steps."""
+def _epoch_rewards(run, pendings: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The answers of an epoch's reward requests: rewards (N,) and finite (N,), logged."""
+    answers = [p.result() for p in pendings]
+    for answer in answers:
+        log_rewards(run, answer)
+    return torch.cat([a.rewards for a in answers]), torch.cat([a.finite for a in answers])
 
-    trains_on_previous_samples = False
+
+class GRPOUpdates(Algorithm):
+    """GRPO (Flow-GRPO, DDPO): groups of SDE samples per prompt, group-relative advantages, the clipped
+    importance ratio on transition log-probabilities, a KL to the reference."""
 
     def __init__(self, run):
-        self.run, self.cfg = run, run.cfg.algorithm.reward_backprop
+        super().__init__(run)
+        self.cfg = run.cfg.algorithm.grpo
+        self.algo = GRPO(self.cfg)
+
+    @staticmethod
+    def micro_steps_per_update(cfg: R2D3Config) -> int:
+        return micro_batches_per_update(cfg) * num_train_steps(cfg.sampling.num_steps, cfg.algorithm.grpo.timestep_fraction)
+
+    def collect(self) -> Batch:
+        """Groups of G trajectories per prompt from the current policy with their transition
+        log-probabilities; rewards requested while the next batch samples."""
+        run, s = self.run, self.run.cfg.sampling
+        per_batch = max(s.batch_size // self.cfg.group_size, 1)
+        rollouts, pendings = [], []
+        for _ in range(s.num_batches_per_epoch):
+            prompts = [p for p in run.next_prompts(per_batch) for _ in range(self.cfg.group_size)]
+            rollout = run.pipeline.sample(prompts, run.rng)
+            with torch.no_grad():
+                views = run.pipeline.render(rollout.final, run.reward_cameras(len(rollout)), run.needs)
+            pendings.append(run.rewards.submit(views, prompts, with_grad=False))
+            rollouts.append(rollout)
+        rollout = Rollout.cat(rollouts)
+        rewards, finite = _epoch_rewards(run, pendings)
+        gather = all_gather_objects if self.cfg.reward_stats == "all_workers" else None
+        advantages = per_prompt_statistic(lambda r, p: group_advantages(r, p, self.cfg.adv_clip_max),
+                                          torch.where(finite, rewards, torch.nan), rollout.prompts, gather, run.rank)
+        return Batch(rollout.prompts, trajectories=rollout, targets=advantages, weight=finite.float(),
+                     old_log_probs=self.sampling_log_probs(rollout))
+
+    @torch.no_grad()
+    def sampling_log_probs(self, rollout: Rollout) -> torch.Tensor:
+        """(B, T) log p_old(x_{t-1}|x_t) of every sampled transition, from the outputs the rollout recorded."""
+        policy, sampler = self.run.pipeline.generator, self.run.pipeline.sampler
+        B, T = len(rollout), len(rollout.timesteps)
+        columns = []
+        for i in range(T):
+            x_t, x_prev = rollout.latents[:, i], rollout.latents[:, i + 1]
+            scores = transition_scores(sampler, policy.eps_from_output(rollout.outputs[:, i]),
+                                       torch.full((B,), i), x_t, x_prev)
+            columns.append(transition_log_prob(x_prev, scores.mean, scores.std))
+        return torch.stack(columns, dim=1)
+
+    def update(self, batch: Batch) -> None:
+        run, trajectories = self.run, batch.trajectories
+        policy, sampler = run.pipeline.generator, run.pipeline.sampler
+        cond = policy.encode_prompts(batch.prompts)
+        guidance = run.cfg.sampling.guidance_scale
+        B = len(batch)
+        steps = self.algo.transition_steps(B, sampler.num_inference_steps, run.rng)  # (B, n)
+        rows = torch.arange(B)
+        for k in range(steps.shape[1]):
+            idx = steps[:, k]
+            x_t, x_prev, t = trajectories.latents[rows, idx], trajectories.latents[rows, idx + 1], trajectories.timesteps[idx]
+            with torch.no_grad(), policy.adapters_disabled():
+                mean_ref = (transition_scores(sampler, policy.eps_from_output(policy.predict(x_t, t, cond, guidance)),
+                                              idx, x_t, x_prev).mean if self.cfg.kl_coef > 0 else None)
+            scores = transition_scores(sampler, policy.eps_from_output(policy.predict(x_t, t, cond, guidance)),
+                                       idx, x_t, x_prev)
+            loss, terms = self.algo.loss(transition_log_prob(x_prev, scores.mean, scores.std),
+                                         batch.old_log_probs[rows, idx], batch.targets, scores.mean, mean_ref,
+                                         scores.std, batch.weight)
+            run.step(loss)
+            run.record(terms)
+
+
+class RewardBackpropUpdates(Algorithm):
+    """ReFL / DRaFT-K: the reward gradient through the last K sampling steps."""
+
+    def __init__(self, run):
+        super().__init__(run)
+        self.cfg = run.cfg.algorithm.reward_backprop
         self.algo = RewardBackprop(self.cfg)
 
     @staticmethod
-    def micro_steps_per_update(run) -> int:
-        return micro_batches_per_update(run)
+    def micro_steps_per_update(cfg: R2D3Config) -> int:
+        return micro_batches_per_update(cfg)
 
-    def collect(self) -> list[str]:
+    def collect(self) -> Batch:
         """The epoch's prompts; each is sampled with grad in its training micro-batch."""
         s = self.run.cfg.sampling
-        return [p for _ in range(s.num_batches_per_epoch) for p in self.run.next_prompts(s.batch_size)]
+        return Batch([p for _ in range(s.num_batches_per_epoch) for p in self.run.next_prompts(s.batch_size)])
 
-    def batches(self, prompts: list[str]):
-        size = self.run.cfg.training.micro_batch_size
-        for start in range(0, len(prompts), size):
-            yield prompts[start:start + size]
-
-    def update(self, prompts: list[str]) -> None:
+    def update(self, batch: Batch) -> None:
         run, pipe = self.run, self.run.pipeline
-        gen, sampler = pipe.generator, pipe.sampler
-        embeds = gen.encode_prompts(prompts)
-        x = pipe.initial_noise(len(prompts), run.rng)
+        policy, sampler = pipe.generator, pipe.sampler
+        cond = policy.encode_prompts(batch.prompts)
+        x = pipe.initial_noise(len(batch), run.rng)
         T = sampler.num_inference_steps
         for i, t in enumerate(sampler.timesteps):
             with torch.set_grad_enabled(self.algo.grad_enabled(i, T)):
-                eps = gen.eps_from_output(gen.predict(x, t, embeds, run.cfg.sampling.guidance_scale))
+                eps = policy.eps_from_output(policy.predict(x, t, cond, run.cfg.sampling.guidance_scale))
                 x = self.algo.step(sampler, eps, i, x, run.rng)
-        views = pipe.render(x, run.reward_cameras(len(prompts)), run.needs)
-        result = run.rewards.submit({k: v.detach() for k, v in views.items()}, prompts, with_grad=True).result()
-        _log_rewards(run, result)
-        keys = ["images", *sorted(result.extra_grads)]
-        trusted = result.finite.to(result.grads.dtype).view(-1, 1, 1, 1, 1)  # NaN/Inf: not trained on
-        grads = _stack_views({"images": result.grads, **result.extra_grads}, keys) * trusted
-        loss, terms = self.algo.loss(_stack_views(views, keys), torch.nan_to_num(result.rewards), grads)
+        views = pipe.render(x, run.reward_cameras(len(batch)), run.needs)
+        answer = run.rewards.submit({k: v.detach() for k, v in views.items()}, batch.prompts, with_grad=True).result()
+        log_rewards(run, answer)
+        keys = ["images", *sorted(answer.extra_grads)]
+        trusted = answer.finite.to(answer.grads.dtype).view(-1, *[1] * (answer.grads.ndim - 1))  # NaN/Inf: not trained on
+        grads = {"images": answer.grads, **answer.extra_grads}
+        loss, terms = self.algo.loss(_stack_views(views, keys), torch.nan_to_num(answer.rewards),
+                                     _stack_views(grads, keys) * trusted)
         run.step(loss)
         run.record(terms)
 
 
-UPDATES = {"nabla": NablaUpdates, "nft": NFTUpdates, "reward_backprop": RewardBackpropUpdates}
+def _stack_views(views: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+    if len(keys) == 1:
+        return views[keys[0]]
+    return torch.cat([views[k] for k in keys], dim=2)  # (B, V, sum of channels, H, W)
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {"nabla": NablaUpdates, "nft": NFTUpdates, "grpo": GRPOUpdates,
+                                          "reward_backprop": RewardBackpropUpdates}
