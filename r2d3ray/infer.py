@@ -1,38 +1,42 @@
 """Inference: prompts -> splats with a base model and an optional LoRA, written for people to look at.
 
-    r2d3ray infer --config configs/toy.yaml --prompts FILE --out DIR [--lora DIR] [--tag T]
-                  [--vis-normal] [--random-view] [--seed S] [--batch-size N]
+    r2d3ray infer --config configs/toy.yaml (--prompts FILE | --prompt TEXT) --out DIR [--lora DIR]
+                  [--tag T] [--vis-normal] [--random-view] [--seed S] [--batch-size N]
 
-Per prompt (``<index>_<slug>[_<tag>]``): a standard 3DGS ``.ply``, a multi-view grid ``.png``, a
-turntable ``.gif`` and, with ``vis_normal``, a ``_normals.png`` grid of the rendered normals.
+(``r2d3ray sample`` is the same command.) Per prompt (``<index>_<slug>[_<tag>]``): a standard 3DGS
+``.ply``, a multi-view grid ``.png``, a turntable ``.gif`` and, with ``vis_normal``, a
+``_normals.png`` grid of the rendered normals.
 
-Sampling is the training sampler (SDE-DPM-Solver++ with the config's steps, eta and CFG). Batch k
-of a prompt list draws all its randomness from ``batch_generator(seed, k)``, so the same prompt
-list, seed and batch size give the same noise with and without a LoRA (before/after pictures
-compare like with like) and on any worker (``jobs/infer.py`` splits the batches over Ray actors).
+Sampling is the training sampler (SDE-DPM-Solver++ with the config's steps, eta and CFG). There is
+one seeding rule, ``generate``'s: batch k of a prompt list draws all its randomness from
+``batch_generator(seed, k)``, so the same prompt list, seed and batch size give the same noise with
+and without a LoRA (before/after pictures compare like with like), in ``infer``, ``eval``,
+``precompute-rewards``, ``eval-prior`` and the demo, and on any worker (``jobs/infer.py`` splits
+the batches over Ray actors).
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+from pydantic import Field
 from tqdm import tqdm
 
-from r2d3ray.config import R2D3Config, RenderConfig
-from r2d3ray.eval.prompts import read_prompts
+from r2d3ray.config import R2D3Config, RenderConfig, Section, validate_options
 from r2d3ray.models.loading import check_on_device, load_generator, resolve_device
 from r2d3ray.models.lora import load_lora
 from r2d3ray.models.pipeline import SplatPipeline
-from r2d3ray.render.cameras import default_rig, jittered_rig
+from r2d3ray.render.cameras import Cameras, default_rig, render_rig
 from r2d3ray.render.pictures import save_grid_png, save_turntable_gif
 from r2d3ray.splats import save_ply
 
-# cli.py's `sample` command imports the old name.
-read_prompt_file = read_prompts
+SAMPLERS = ("sde", "ode")
 
 
 def slugify(prompt: str) -> str:
@@ -82,37 +86,54 @@ def batch_generator(seed: int, batch_index: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def generate(pipe: SplatPipeline, prompts: list[str], seed: int = 0, batch_size: int = 8) -> torch.Tensor:
-    """Clean latents (B, V, C, h, w) for ``prompts``; batch k samples from ``batch_generator(seed, k)``."""
+def generate_batches(pipe: SplatPipeline, prompts: list[str], seed: int = 0, batch_size: int = 8,
+                     sampler: Literal["sde", "ode"] = "sde") -> Iterator[tuple[int, list[str], torch.Tensor]]:
+    """``generate`` one batch at a time: yields ``(start, prompts[start:start + batch_size], latents
+    (b, V, C, h, w))``, batch k sampled from ``batch_generator(seed, k)``. For callers that measure
+    each batch as it comes (``eval``, ``precompute-rewards``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected >= 1")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: expected one of {SAMPLERS}")
+    for k, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk, rng = prompts[start:start + batch_size], batch_generator(seed, k)
+        yield start, chunk, pipe.sample(chunk, rng).final if sampler == "sde" else pipe.sample_ode(chunk, rng)
+
+
+@torch.no_grad()
+def generate(pipe: SplatPipeline, prompts: list[str], seed: int = 0, batch_size: int = 8,
+             sampler: Literal["sde", "ode"] = "sde") -> torch.Tensor:
+    """Clean latents (P, V, C, h, w) for ``prompts``, in batches of ``batch_size``; batch k draws its
+    initial noise and (``"sde"``) every step's noise from ``batch_generator(seed, k)``, so a sample
+    depends on its prompt, the seed, the batch size and its place in the list, never on the model.
+
+    ``sampler``: ``"sde"``, the pipeline's SDE-DPM-Solver++ (the training sampler), or ``"ode"``,
+    2nd-order DPM-Solver++ with the same number of steps (DiffusionNFT's data collection).
+    """
     check_prompts(pipe, prompts)
-    starts = range(0, len(prompts), batch_size)
-    return torch.cat([
-        pipe.sample(prompts[s:s + batch_size], batch_generator(seed, k)).final
-        for k, s in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=len(starts) <= 1))
-    ])
+    batches = generate_batches(pipe, prompts, seed, batch_size, sampler)
+    total = math.ceil(len(prompts) / max(batch_size, 1))  # for the progress bar; generate_batches refuses batch_size < 1
+    return torch.cat([latents for _, _, latents in
+                      tqdm(batches, desc="sampling", unit="batch", total=total, disable=total <= 1)])
 
 
-@dataclass
-class InferOptions:
+class InferOptions(Section):
     """What ``infer`` writes. ``size``: view size in pixels of grids and GIFs; ``frames``: turntable
     frames (0: no GIF); ``random_view``: jitter the grid cameras as the reward renders do in training."""
 
     seed: int = 0
-    batch_size: int = 8
-    size: int = 256
-    tag: str = ""
+    batch_size: int = Field(8, ge=1)
+    size: int = Field(256, ge=8)
+    # It becomes part of file names.
+    tag: str = Field("", pattern=r"^[A-Za-z0-9_.\-]*$")
     vis_normal: bool = False
     random_view: bool = False
-    frames: int = 36
+    frames: int = Field(36, ge=0)
 
-    def __post_init__(self):
-        if self.batch_size < 1 or self.size < 8 or self.frames < 0:
-            raise ValueError(f"batch_size={self.batch_size}, size={self.size}, frames={self.frames}: "
-                             "expected batch_size >= 1, size >= 8 and frames >= 0")
-        if self.tag and not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.tag):
-            raise ValueError(f"tag={self.tag!r}: use letters, digits, '_', '.' or '-' (it becomes part of file names)")
+    @classmethod
+    def checked(cls, **options) -> "InferOptions":
+        """The options, or a ConfigError naming each bad one (the message run configs give)."""
+        return validate_options(cls, options, "infer options")
 
 
 @torch.no_grad()
@@ -120,33 +141,14 @@ def infer_batch(pipe: SplatPipeline, prompts: list[str], batch_index: int, out_d
                 opts: InferOptions, render: RenderConfig) -> list[Path]:
     """Sample batch ``batch_index`` (its ``prompts``, at most ``opts.batch_size``) and write its files.
     File indices are global (``batch_index * batch_size + i``), so batches can run anywhere."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rng = batch_generator(opts.seed, batch_index)
-    splats = pipe.splats(pipe.sample(prompts, rng).final).detach()
-    if opts.random_view:  # drawn after the sampling noise, from the same generator: reproducible
-        cameras = jittered_rig(render.num_views, opts.size, render.azi_delta_deg, render.elevation_deg,
-                               render.elevation_delta_deg, generator=rng, batch_size=len(prompts))
+    rng = batch_generator(opts.seed, batch_index)  # generate's batch k: the same noise
+    latents = pipe.sample(prompts, rng).final
+    if opts.random_view:  # the jitter is drawn after the sampling noise, from the same generator: reproducible
+        cameras = render_rig(render, opts.size, jitter=True, generator=rng, batch_size=len(prompts))
     else:
         cameras = default_rig(render.num_views, opts.size)
-    cameras = cameras.to(pipe.generator.device)
-    views = pipe.render_splats(splats, cameras, frozenset({"normals"}) if opts.vis_normal else frozenset(),
-                               background=render.background)
-    written = []
-    for i, prompt in enumerate(prompts):
-        stem = f"{batch_index * opts.batch_size + i:04d}_{slugify(prompt)}" + (f"_{opts.tag}" if opts.tag else "")
-        one = splats[i]
-        save_ply(out_dir / f"{stem}.ply", one)
-        written += [out_dir / f"{stem}.ply", Path(save_grid_png(views["images"][i:i + 1], out_dir / f"{stem}.png"))]
-        if opts.frames:
-            written.append(Path(save_turntable_gif(one, out_dir / f"{stem}.gif", num_frames=opts.frames,
-                                                   size=opts.size, background=render.background)))
-        if opts.vis_normal:
-            # Camera-space OpenCV normals n in [-1, 1] shown as colours (n + 1) / 2, over a white background.
-            alphas = views["alphas"][i:i + 1]  # (1, V, 1, H, W)
-            picture = (views["normals"][i:i + 1] + 1) / 2 * alphas + (1 - alphas)
-            written.append(Path(save_grid_png(picture, out_dir / f"{stem}_normals.png")))
-    return written
+    return write_outputs(pipe, prompts, latents, out_dir, opts.size, opts.tag, first_index=batch_index * opts.batch_size,
+                         frames=opts.frames, vis_normal=opts.vis_normal, cameras=cameras, background=render.background)
 
 
 def infer(pipe: SplatPipeline, prompts: list[str], out_dir: str | Path, opts: InferOptions,
@@ -160,20 +162,33 @@ def infer(pipe: SplatPipeline, prompts: list[str], out_dir: str | Path, opts: In
     return written
 
 
+@torch.no_grad()
 def write_outputs(pipe: SplatPipeline, prompts: list[str], latents: torch.Tensor, out_dir: str | Path,
-                  size: int = 256, tag: str = "") -> list[Path]:
-    """Per prompt of already sampled ``latents``: <slug>.ply and <slug>.png (the default rig's views)."""
+                  size: int = 256, tag: str = "", first_index: int = 0, frames: int = 0, vis_normal: bool = False,
+                  cameras: Cameras | None = None, background=(1.0, 1.0, 1.0)) -> list[Path]:
+    """Per prompt of sampled ``latents`` (P, V, C, h, w), ``<first_index + i:04d>_<slug>[_<tag>]``:
+    ``.ply``, ``.png`` (the views of ``cameras``, default: ``default_rig`` at ``size``), a turntable
+    ``.gif`` of ``frames`` frames (0: none) and, with ``vis_normal``, ``_normals.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     splats = pipe.splats(latents).detach()
-    cameras = default_rig(pipe.generator.num_views, size).to(pipe.generator.device)
+    cameras = default_rig(pipe.generator.num_views, size) if cameras is None else cameras
+    views = pipe.render_splats(splats, cameras.to(pipe.generator.device),
+                               frozenset({"normals"}) if vis_normal else frozenset(), background=background)
     written = []
     for i, prompt in enumerate(prompts):
-        stem = slugify(prompt) + (f"_{tag}" if tag else "")
+        stem = f"{first_index + i:04d}_{slugify(prompt)}" + (f"_{tag}" if tag else "")
         one = splats[i]
         save_ply(out_dir / f"{stem}.ply", one)
-        save_grid_png(pipe.render_splats(one, cameras)["images"], out_dir / f"{stem}.png")
-        written += [out_dir / f"{stem}.ply", out_dir / f"{stem}.png"]
+        written += [out_dir / f"{stem}.ply", Path(save_grid_png(views["images"][i:i + 1], out_dir / f"{stem}.png"))]
+        if frames:
+            written.append(Path(save_turntable_gif(one, out_dir / f"{stem}.gif", num_frames=frames, size=size,
+                                                   background=background)))
+        if vis_normal:
+            # Camera-space OpenCV normals n in [-1, 1] shown as colours (n + 1) / 2, over a white background.
+            alphas = views["alphas"][i:i + 1]  # (1, V, 1, H, W)
+            picture = (views["normals"][i:i + 1] + 1) / 2 * alphas + (1 - alphas)
+            written.append(Path(save_grid_png(picture, out_dir / f"{stem}_normals.png")))
     return written
 
 

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from r2d3ray.render.cameras import Cameras, default_rig, jittered_rig, orbit_cameras, pixel_rays, plucker_rays
+from r2d3ray.config import RenderConfig
+from r2d3ray.render.cameras import (Cameras, default_rig, jittered_rig, orbit_cameras, pixel_rays, plucker_rays,
+                                     random_rig, render_rig)
 
 
 def project(cameras: Cameras, points: torch.Tensor) -> torch.Tensor:
@@ -76,6 +78,59 @@ def test_jitter_bounds_seed_and_shared_offset():
     assert torch.allclose(elev, torch.full((2,), 10.0), atol=1e-3)
 
 
+def centres_deg(cameras: Cameras) -> tuple[torch.Tensor, torch.Tensor]:
+    """Azimuth in [0, 360) and elevation, in degrees, of every camera centre (..., V)."""
+    centres = cameras.c2w[..., :3, 3]
+    elevation = torch.asin(centres[..., 1] / centres.norm(dim=-1)).rad2deg()
+    return torch.atan2(centres[..., 0], centres[..., 2]).rad2deg() % 360, elevation
+
+
+def test_render_rig_is_the_configs_rig_with_or_without_jitter():
+    render = RenderConfig(size=48, num_views=3, random_view=True, azi_delta_deg=30.0, elevation_deg=5.0,
+                          elevation_delta_deg=4.0)
+    # The jittered views: jittered_rig with the section's settings, drawn from the caller's generator.
+    jittered = render_rig(render, generator=torch.Generator().manual_seed(7), batch_size=5)
+    same = jittered_rig(3, 48, 30.0, 5.0, 4.0, generator=torch.Generator().manual_seed(7), batch_size=5)
+    assert torch.equal(jittered.viewmats, same.viewmats) and torch.equal(jittered.Ks, same.Ks)
+    assert jittered.viewmats.shape == (5, 3, 4, 4) and jittered.width == 48
+    _, elevation = centres_deg(jittered)
+    assert ((elevation - 5.0).abs() <= 2.0 + 1e-3).all()
+
+    # Without the jitter (evaluation; training with random_view false): evenly spaced at the base elevation.
+    fixed = render_rig(render, jitter=False, size=32)
+    azimuth, elevation = centres_deg(fixed)
+    assert fixed.viewmats.shape == (3, 4, 4) and fixed.width == 32
+    assert torch.allclose(azimuth, torch.tensor([0.0, 120.0, 240.0]), atol=1e-3)
+    assert torch.allclose(elevation, torch.full((3,), 5.0), atol=1e-3)
+    off = render_rig(render.model_copy(update={"random_view": False}))
+    assert torch.equal(off.viewmats, default_rig(3, 48, elevation_deg=5.0).viewmats)
+
+
+def test_random_rig_draws_independent_views_in_range():
+    a = random_rig(6, 16, (-8.0, 18.0), torch.Generator().manual_seed(0), batch_size=40)
+    b = random_rig(6, 16, (-8.0, 18.0), torch.Generator().manual_seed(0), batch_size=40)
+    assert a.viewmats.shape == (40, 6, 4, 4) and torch.equal(a.viewmats, b.viewmats)
+    azimuth, elevation = centres_deg(a)
+    assert elevation.min() >= -8.0 - 1e-3 and elevation.max() <= 18.0 + 1e-3
+    assert azimuth.max() - azimuth.min() > 300  # all around the object
+    assert elevation.std(dim=1).min() > 0  # each view its own elevation, unlike jittered_rig
+    assert random_rig(2, 16, (0.0, 10.0)).viewmats.shape == (2, 4, 4)
+    with pytest.raises(ValueError, match="elevation_range_deg"):
+        random_rig(2, 16, (10.0, 0.0))
+
+
+def test_indexing_and_rescaling_a_rig():
+    rigs = jittered_rig(generator=torch.Generator().manual_seed(0), batch_size=3)  # (3, 4, ...)
+    one = rigs[1]
+    assert one.viewmats.shape == (4, 4, 4) and torch.equal(one.Ks, rigs.Ks[1])
+    assert rigs[0][1:3].viewmats.shape == (2, 4, 4)
+    big = one.rescaled(512)
+    assert (big.width, big.height) == (512, 512) and torch.equal(big.viewmats, one.viewmats)
+    assert torch.allclose(big.Ks, default_rig(size=512).Ks)  # the field of view is kept
+    with pytest.raises(ValueError, match="viewmats"):
+        one[0]  # a single 4x4 matrix is no rig
+
+
 def test_pixel_rays_pass_through_pixel_centres():
     cams = default_rig(size=256)
     W, H = 8, 6  # a resolution other than the cameras' own: Ks are rescaled
@@ -84,7 +139,7 @@ def test_pixel_rays_pass_through_pixel_centres():
     assert torch.allclose(dirs.norm(dim=-1), torch.ones(4, H, W), atol=1e-5)
     assert torch.allclose(origins, cams.c2w[:, None, None, :3, 3].expand_as(origins))
     points = (origins + 0.7 * dirs).reshape(4, H * W, 3)
-    scaled = Cameras(cams.viewmats, cams.Ks * torch.tensor([W / 256, H / 256, 1.0])[:, None], W, H)
+    scaled = cams.rescaled(W, H)
     rows, cols = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
     expected = torch.stack([cols, rows], dim=-1).reshape(1, H * W, 2).expand(4, -1, -1)
     assert torch.allclose(project(scaled, points), expected, atol=1e-3)

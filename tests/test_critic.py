@@ -1,9 +1,13 @@
 """The tiny critic: the ``tiny_critic`` reward's contract and gradient, its prompt sensitivity, the
 committed weights' ranking on held-out prompts, and deterministic training."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
+from r2d3ray.config import ConfigError, read_options
 from r2d3ray.models.world import ObjectSpec, cast_rays, parse_prompt, split_prompts
 from r2d3ray.render.cameras import orbit_cameras, pixel_rays
 from r2d3ray.rewards import build_reward
@@ -12,6 +16,7 @@ from r2d3ray.rewards.critic_data import FAMILIES, RenderBank, compose, geometrie
 from r2d3ray.rewards.critic_train import CriticTrainConfig, train_critic
 from test_rewards_learned import check_directional_derivatives
 
+REPO = Path(__file__).resolve().parents[1]
 # Tiny settings for the training test: a bank of 2 views per kind, 3 steps of 4 pairs.
 TINY_TRAINING = dict(steps=3, batch_size=4, splat_views=2, exact_views=1, jitter_views=2, warmup_steps=1,
                      widths=[8, 8], embed_dim=8, num_threads=None)
@@ -107,10 +112,15 @@ def test_training_is_deterministic(tmp_path):
 
 
 def test_config_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown keys \['stpes'\]"):
-        CriticTrainConfig.from_dict({"stpes": 3})
+    with pytest.raises(ConfigError, match="critic config: invalid configuration:\n  unknown key 'stpes'; did you mean 'steps'"):
+        train_critic({"stpes": 3}, tmp_path / "critic")
     with pytest.raises(ValueError, match="widths"):
         CriticTrainConfig(widths=[12])
+    # The committed critic's training options, and the YAML that made them, still validate.
+    saved = json.loads((TINY_CRITIC_DIR / "config.json").read_text())["training"]
+    assert CriticTrainConfig.model_validate(saved).model_dump(mode="json") == saved
+    options = read_options(REPO / "configs" / "tiny_critic.yaml", [], "critic config", "configs/tiny_critic.yaml")
+    assert CriticTrainConfig.model_validate(options).model_dump(mode="json") == saved
     with pytest.raises(FileNotFoundError, match="train-critic"):
         TinyCriticReward(checkpoint=tmp_path)
 

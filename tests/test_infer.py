@@ -10,7 +10,9 @@ import torch
 import yaml
 from PIL import Image
 
+from r2d3ray.config import ConfigError, load_config
 from r2d3ray.eval.commands import register
+from r2d3ray.infer import build_pipeline, generate, generate_batches
 from r2d3ray.models.lora import add_lora_adapter, adapter_parameters, save_lora
 from r2d3ray.models.tiny import TinySplatGenerator
 from r2d3ray.splats import load_ply
@@ -117,8 +119,37 @@ def test_infer_errors_name_the_problem(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="unknown word 'dragon'"):
         run_command(argv)
     assert not (tmp_path / "out").exists()  # refused before anything was sampled or written
-    with pytest.raises(ValueError, match="tag="):
+    with pytest.raises(ConfigError, match="infer options: invalid configuration:\n  tag = 'a/b'"):
         run_command(infer_argv(tiny_run, tmp_path / "out", "--tag", "a/b"))
+
+
+def test_sample_is_infer_and_generate_draws_the_same_noise(tiny_run, tmp_path):
+    # `r2d3ray sample` is the same command: the same defaults, noise and file names.
+    assert run_command(infer_argv(tiny_run, tmp_path / "infer", "--frames", "0")) == 0
+    assert run_command(["sample", *infer_argv(tiny_run, tmp_path / "sample", "--frames", "0")[1:]]) == 0
+    names = sorted(p.name for p in (tmp_path / "infer").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "sample").iterdir()) and len(names) == 6
+    for name in names:
+        assert (tmp_path / "infer" / name).read_bytes() == (tmp_path / "sample" / name).read_bytes(), name
+    assert run_command(["sample", "--config", str(tiny_run / "config.yaml"), "--prompt", "a red cube",
+                        "--out", str(tmp_path / "one"), "--frames", "0"]) == 0
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["0000_a_red_cube.ply", "0000_a_red_cube.png"]
+
+    # generate (eval, eval-prior, the demo) samples batch k with infer's noise: the same splats.
+    cfg = load_config(tiny_run / "config.yaml")
+    pipe = build_pipeline(cfg)
+    prompts = (tiny_run / "prompts.txt").read_text().split("\n")[:3]
+    latents = generate(pipe, prompts, seed=0, batch_size=cfg.sampling.batch_size)  # (3, V, C, h, w)
+    assert latents.shape == (3, *pipe.generator.latent_shape)
+    splats = pipe.splats(latents)
+    for i, name in enumerate(n for n in names if n.endswith(".ply")):
+        torch.testing.assert_close(load_ply(tmp_path / "infer" / name).means, splats[i].means, rtol=0, atol=1e-6)
+    # ... and so does generate_batches, one batch at a time.
+    batches = list(generate_batches(pipe, prompts, seed=0, batch_size=2))
+    assert [(start, chunk) for start, chunk, _ in batches] == [(0, prompts[:2]), (2, prompts[2:])]
+    assert torch.equal(torch.cat([b for _, _, b in batches]), latents)
+    with pytest.raises(ValueError, match="sampler='euler'"):
+        generate(pipe, prompts, sampler="euler")
 
 
 @pytest.mark.slow

@@ -7,15 +7,19 @@ import mlflow
 import pytest
 import torch
 
+from r2d3ray.config import ConfigError, read_options
 from r2d3ray.eval.prior import color_fidelity, evaluate_prior, object_colors
+from r2d3ray.infer import generate
 from r2d3ray.models.pretrain import CONFIG_NAME, PretrainConfig, pretrain
+from r2d3ray.models.pipeline import SplatPipeline
 from r2d3ray.models.tiny import TINY_SCHEDULER_CONFIG, TinySplatGenerator
 from r2d3ray.models.world import COLORS, render_ground_truth
 from r2d3ray.render.cameras import default_rig
 from r2d3ray.render.rasterize import render_splats
 from r2d3ray.splats import decode_splatter_images
 
-COMMITTED_PRIOR = Path(__file__).resolve().parents[1] / "r2d3ray" / "assets" / "tiny_prior"
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED_PRIOR = REPO / "r2d3ray" / "assets" / "tiny_prior"
 TINY_MODEL = dict(resolution=8, patch_size=4, num_layers=1, num_attention_heads=2, attention_head_dim=8,
                   caption_channels=16)
 
@@ -45,15 +49,28 @@ def test_pretrain_writes_a_loadable_checkpoint_and_an_mlflow_run(tmp_path, monke
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
 
 
-def test_pretrain_config_refuses_bad_values():
-    with pytest.raises(ValueError, match="unknown keys.*'stepz'"):
-        PretrainConfig.from_dict({"stepz": 3})
+def test_pretrain_config_refuses_bad_values(tmp_path):
+    # Refused before any work, with the run configs' message: the key, what is wrong, the closest key.
+    with pytest.raises(ConfigError, match="pretrain config: invalid configuration:\n  unknown key 'stepz'; did you mean 'steps'"):
+        pretrain({"stepz": 3}, tmp_path / "prior")
+    with pytest.raises(ConfigError, match="lr_schedule = 'cosin': Input should be 'linear', 'cosine'"):
+        pretrain({"lr_schedule": "cosin"}, tmp_path / "prior")
+    with pytest.raises(ConfigError, match=r"model = .*unknown keys \['layers'\]"):
+        pretrain({"model": {"layers": 2}}, tmp_path / "prior")
+    assert not (tmp_path / "prior").exists()
     with pytest.raises(ValueError, match="cfg_dropout"):
         PretrainConfig(cfg_dropout=1.5)
     with pytest.raises(ValueError, match="steps"):
         PretrainConfig(steps=0)
     with pytest.raises(ValueError, match="ema_decay"):
         PretrainConfig(ema_decay=1.0)
+
+
+def test_the_committed_pretrain_config_and_yaml_validate():
+    saved = json.loads((COMMITTED_PRIOR / CONFIG_NAME).read_text())
+    assert PretrainConfig.model_validate(saved).model_dump(mode="json") == saved
+    options = read_options(REPO / "configs" / "tiny_prior.yaml", [], "pretrain config", "configs/tiny_prior.yaml")
+    assert PretrainConfig.model_validate(options).model_dump(mode="json") == saved
 
 
 def test_color_fidelity_on_ground_truth_splats_and_renders():
@@ -86,6 +103,10 @@ def test_evaluate_prior_on_the_committed_checkpoint():
     assert result["silhouette_iou"] > 0.3
     again = evaluate_prior(generator, prompts, seeds=(0,), num_steps=8, guidance_scale=4.5, render_size=48)
     assert again["samples"] == result["samples"]  # deterministic given the seeds
+    # Its samples are infer.generate's (the noise of `infer`, `eval` and the demo for this seed).
+    latents = generate(SplatPipeline(generator, 8, eta=1.0, guidance_scale=4.5), prompts, seed=0, batch_size=64)
+    colors = object_colors(generator.latents_to_splats(latents))
+    assert [s["mean_color"] for s in result["samples"]] == [[round(float(c), 3) for c in row] for row in colors]
     with pytest.raises(ValueError, match="sampler"):
         evaluate_prior(generator, prompts, seeds=(0,), sampler="euler")
 

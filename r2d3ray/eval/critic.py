@@ -3,7 +3,7 @@
 * ``pairwise_accuracy``: for each held-out prompt and each negative family of
   ``rewards.critic_data.FAMILIES``, random (ground truth, negative) pairs from a render bank drawn with
   its own seed; the share of pairs where the ground truth scores higher.
-* ``prior_headroom``: the committed tiny prior's samples (``eval.prior.generate``: 20-step
+* ``prior_headroom``: the committed tiny prior's samples (``infer.generate``: 20-step
   SDE-DPM-Solver++ through ``SplatPipeline``) against the ground truth of the same prompts from the
   same views (a jittered rig like the training renders'): the mean score gap is what alignment
   on the critic can still gain.
@@ -62,20 +62,23 @@ def prior_headroom(critic: TinyCritic, prompts: list[str], seeds=(0,), guidance_
     paired ``headroom`` (ground truth − prior), and ``prefers_ground_truth``: the share of views
     where the ground truth scores higher.
     """
-    from r2d3ray.eval.prior import generate
+    from r2d3ray.infer import generate
     from r2d3ray.models.loading import TINY_PRIOR_DIR
+    from r2d3ray.models.pipeline import SplatPipeline
     from r2d3ray.models.tiny import TinySplatGenerator
     from r2d3ray.render.cameras import jittered_rig
     from r2d3ray.render.rasterize import render_splats
 
     prior = TinySplatGenerator.from_pretrained(TINY_PRIOR_DIR).eval()
+    pipe = SplatPipeline(prior, 20, eta=1.0, guidance_scale=guidance_scale)
     truth_scores, prior_scores = [], []
     for seed in seeds:
         views = torch.Generator().manual_seed(10_000 + seed)
+        latents = generate(pipe, prompts, seed, batch_size)  # (P, V, C, h, w)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             cameras = jittered_rig(prior.num_views, size, generator=views, batch_size=len(chunk))  # (b, V, ...)
-            sampled = render_splats(prior.latents_to_splats(generate(prior, chunk, seed, guidance_scale=guidance_scale)),
+            sampled = render_splats(prior.latents_to_splats(latents[start : start + batch_size]),
                                     cameras).images  # (b, V, 3, H, W)
             truth = render_splats(ground_truth_splats([parse_prompt(p) for p in chunk]), cameras).images
             per_view = [p for p in chunk for _ in range(prior.num_views)]

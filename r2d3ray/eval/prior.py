@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import torch
 
+from r2d3ray.eval.stats import mean_se
+from r2d3ray.infer import generate
 from r2d3ray.models.generator import SplatGenerator
 from r2d3ray.models.pipeline import SplatPipeline
-from r2d3ray.eval.stats import mean_se
-from r2d3ray.models.world import COLORS, parse_prompt, silhouette, split_prompts
-from r2d3ray.render.cameras import Cameras
+from r2d3ray.models.world import COLORS, parse_prompt, silhouette, silhouette_iou, split_prompts
 from r2d3ray.render.rasterize import RenderOutput, render_splats
 from r2d3ray.splats import Splats
 
-SAMPLERS = ("sde", "ode")
 # The tiny prior's quality is stated at CFG 2.0, where its silhouettes are best (0.61 IoU; 0.58 at
 # 3.0, where configs/toy.yaml samples it so that the demo's reward has room to rise).
 GUIDANCE_SCALE = 2.0
@@ -58,30 +57,6 @@ def color_fidelity(source: Splats | RenderOutput, prompts: list[str]) -> torch.T
     return (nearest == target).float()
 
 
-def _rescaled(cameras: Cameras, size: int) -> Cameras:
-    """The same cameras rendering ``size`` x ``size`` images (intrinsics scaled with the image)."""
-    scale = torch.tensor([size / cameras.width, size / cameras.height, 1.0]).to(cameras.Ks)
-    return Cameras(cameras.viewmats, cameras.Ks * scale[:, None], size, size)
-
-
-@torch.no_grad()
-def generate(
-    generator: SplatGenerator,
-    prompts: list[str],
-    seed: int,
-    num_steps: int = 20,
-    guidance_scale: float = GUIDANCE_SCALE,
-    sampler: str = "sde",
-) -> torch.Tensor:
-    """Clean latents (B, V, C, h, w) for ``prompts`` from noise drawn with ``seed`` (CPU generator),
-    by 20-step SDE-DPM-Solver++ (``"sde"``) or 2nd-order DPM-Solver++ (``"ode"``) with CFG."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r}: expected one of {SAMPLERS}")
-    pipe = SplatPipeline(generator, num_steps, eta=1.0, guidance_scale=guidance_scale)
-    rng = torch.Generator().manual_seed(seed)  # the initial noise, then the SDE steps' noise
-    return pipe.sample(prompts, rng).final if sampler == "sde" else pipe.sample_ode(prompts, rng)
-
-
 @torch.no_grad()
 def evaluate_prior(
     generator: SplatGenerator,
@@ -106,20 +81,20 @@ def evaluate_prior(
     if batch_size < 1 or render_size < 2:
         raise ValueError(f"batch_size={batch_size} must be >= 1 and render_size={render_size} >= 2")
     specs = [parse_prompt(p) for p in prompts]  # ValueError for prompts outside the world
-    cameras = _rescaled(generator.rig.to("cpu"), render_size)  # scored on the CPU, where the splats go
+    cameras = generator.rig.to("cpu").rescaled(render_size)  # scored on the CPU, where the splats go
     masks = torch.stack([silhouette(spec, cameras) for spec in specs])  # (P, V, 1, H, W) bool
+    pipe = SplatPipeline(generator, num_steps, eta=1.0, guidance_scale=guidance_scale)
 
     samples = []
     for seed in seeds:
+        # infer.generate's noise: batch k of seed s is the same in `infer`, `eval` and here.
+        latents = generate(pipe, prompts, seed, batch_size, sampler)  # (P, V, C, h, w)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            latents = generate(generator, chunk, seed, num_steps, guidance_scale, sampler)
-            splats = generator.latents_to_splats(latents).to("cpu")
+            splats = generator.latents_to_splats(latents[start : start + batch_size]).to("cpu")
             color_ok = color_fidelity(splats, chunk)
             colors = object_colors(splats)
-            alphas = render_splats(splats, cameras).alphas > 0.5  # (b, V, 1, H, W)
-            target = masks[start : start + len(chunk)]
-            iou = (alphas & target).sum((1, 2, 3, 4)) / (alphas | target).sum((1, 2, 3, 4)).clamp(min=1)
+            iou = silhouette_iou(render_splats(splats, cameras).alphas, masks[start : start + len(chunk)])  # (b,)
             for k, prompt in enumerate(chunk):
                 samples.append(
                     dict(prompt=prompt, seed=seed, color_ok=bool(color_ok[k]), iou=float(iou[k]),

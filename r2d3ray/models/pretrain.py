@@ -25,66 +25,55 @@ Progress: a tqdm bar (rate, ETA, loss). Tracking: one MLflow run (params, ``trai
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
+from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
-from r2d3ray.models.tiny import TinySplatGenerator
+from r2d3ray.config import Section, validate_options
+from r2d3ray.models.tiny import TINY_DEFAULT_CONFIG, TinySplatGenerator
 from r2d3ray.models.world import render_ground_truth, split_prompts
 from r2d3ray.tracking import Tracker, resolve_tracking_uri
 
 CONFIG_NAME = "pretrain_config.json"
 
 
-@dataclass
-class PretrainConfig:
-    """Options of :func:`pretrain`. The committed checkpoint's values are configs/tiny_prior.yaml's
-    (also saved beside it as pretrain_config.json), not these defaults."""
+class PretrainConfig(Section):
+    """Options of :func:`pretrain`, checked like a run config's sections (unknown keys, types and
+    ranges are refused). The committed checkpoint's values are configs/tiny_prior.yaml's (also
+    saved beside it as pretrain_config.json), not these defaults."""
 
     seed: int = 0
-    steps: int = 3000
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    lr_schedule: str = "cosine"  # any name diffusers.optimization.get_scheduler knows
-    cfg_dropout: float = 0.1  # probability of training on the "" prompt
-    grad_clip: float = 1.0
-    ema_decay: float = 0.0  # > 0: save an exponential moving average of the weights (diffusers' EMAModel)
-    snr_gamma: float = 5.0  # min-SNR-γ loss weighting (Hang et al. 2023); 0 = the plain ε loss
-    log_every: int = 20  # MLflow logging interval, steps
-    num_threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    lr_schedule: SchedulerType = SchedulerType.COSINE  # a name diffusers.optimization.get_scheduler knows
+    cfg_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # probability of training on the "" prompt
+    grad_clip: float = Field(1.0, gt=0.0)
+    # > 0: save an exponential moving average of the weights (diffusers' EMAModel); 0 = no EMA
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
+    snr_gamma: float = Field(5.0, ge=0.0)  # min-SNR-γ loss weighting (Hang et al. 2023); 0 = the plain ε loss
+    log_every: int = Field(20, ge=1)  # MLflow logging interval, steps
+    num_threads: int | None = Field(None, ge=1)  # torch.set_num_threads; None leaves torch's default
     experiment: str = "tiny_prior"  # MLflow experiment name
-    model: dict = field(default_factory=dict)  # overrides of tiny.TINY_DEFAULT_CONFIG
+    model: dict[str, Any] = Field(default_factory=dict)  # overrides of tiny.TINY_DEFAULT_CONFIG
 
+    @field_validator("model")
     @classmethod
-    def from_dict(cls, values: dict) -> "PretrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+    def _model_keys_known(cls, model: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(model) - set(TINY_DEFAULT_CONFIG))
         if unknown:
-            raise ValueError(f"pretrain config: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"pretrain config: {name}={getattr(self, name)} must be >= 1")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"pretrain config: ema_decay={self.ema_decay} must lie in [0, 1) (0 = no EMA)")
-        if self.snr_gamma < 0:
-            raise ValueError(f"pretrain config: snr_gamma={self.snr_gamma} must be >= 0 (0 = no weighting)")
-        if not 0.0 <= self.cfg_dropout < 1.0:
-            raise ValueError(f"pretrain config: cfg_dropout={self.cfg_dropout} must lie in [0, 1)")
-        if self.lr <= 0:
-            raise ValueError(f"pretrain config: lr={self.lr} must be > 0")
+            raise ValueError(f"unknown keys {unknown}; the tiny prior's are {sorted(TINY_DEFAULT_CONFIG)}")
+        return model
 
 
 def loss_weights(noise_schedule: DDPMScheduler, t: torch.Tensor, snr_gamma: float) -> torch.Tensor:
@@ -103,7 +92,7 @@ def pretrain(config: PretrainConfig | dict, out_dir: str | Path) -> Path:
     ``out_dir`` also receives ``pretrain_config.json`` (the resolved config) and, unless
     ``MLFLOW_TRACKING_URI`` is set, the MLflow store ``mlflow.db``.
     """
-    config = PretrainConfig.from_dict(config) if isinstance(config, dict) else config
+    config = validate_options(PretrainConfig, config, "pretrain config")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.num_threads:
@@ -126,7 +115,7 @@ def pretrain(config: PretrainConfig | dict, out_dir: str | Path) -> Path:
     ema = EMAModel(generator.parameters(), decay=config.ema_decay) if config.ema_decay > 0 else None
     tracker = Tracker(resolve_tracking_uri("", out_dir), config.experiment)
     tracker.start(run_name=f"pretrain-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    tracker.log_params({**dataclasses.asdict(config), "num_train_prompts": len(prompts), "out_dir": str(out_dir)})
+    tracker.log_params({**config.model_dump(mode="json"), "num_train_prompts": len(prompts), "out_dir": str(out_dir)})
 
     generator.train()
     progress = tqdm(range(1, config.steps + 1), desc="pretrain", unit="step")
@@ -159,7 +148,7 @@ def pretrain(config: PretrainConfig | dict, out_dir: str | Path) -> Path:
         generator.eval()
         generator.save_pretrained(out_dir)
         wall = time.perf_counter() - started
-        (out_dir / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        (out_dir / CONFIG_NAME).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
         tracker.log_metrics({"train/wall_time_s": wall}, step=config.steps)
     except BaseException:
         tracker.end("FAILED")

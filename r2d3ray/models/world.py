@@ -278,6 +278,13 @@ def silhouette(spec: ObjectSpec, cameras: Cameras) -> torch.Tensor:
     return hit.unsqueeze(-3)
 
 
+def silhouette_iou(alphas: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Per object, the intersection over union of the drawn pixels (``alphas`` (B, V, 1, H, W) above
+    ``threshold``) and the exact ``silhouette`` masks ``target`` (B, V, 1, H, W) bool, over all views: (B,)."""
+    drawn = alphas > threshold
+    return (drawn & target).sum((1, 2, 3, 4)) / (drawn | target).sum((1, 2, 3, 4)).clamp(min=1)
+
+
 def render_ground_truth(
     specs: ObjectSpec | str | list[ObjectSpec | str],
     cameras: Cameras,

@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from r2d3ray.splats import DIFFSPLAT_FXFY, DIFFSPLAT_RADIUS  # noqa: F401  (the splatter images' geometry)
+
+if TYPE_CHECKING:
+    from r2d3ray.config import RenderConfig
 
 DIFFSPLAT_ELEVATION_DEG = 10.0
 PIXEL_CONVENTIONS = ("center", "diffsplat_plucker")
@@ -77,6 +81,18 @@ class Cameras:
 
     def to(self, device) -> "Cameras":
         return Cameras(self.viewmats.to(device), self.Ks.to(device), self.width, self.height)
+
+    def __getitem__(self, index) -> "Cameras":
+        """Index the leading dims: ``rigs[g]`` is object g's (V, ...) rig of a batched (B, V, ...) one,
+        ``rig[2:4]`` views 2 and 3 of a (V, ...) rig. The result must still hold (..., V, 4, 4)."""
+        return Cameras(self.viewmats[index], self.Ks[index], self.width, self.height)
+
+    def rescaled(self, width: int, height: int | None = None) -> "Cameras":
+        """The same poses rendering ``width`` x ``height`` images (default square); the intrinsics
+        scale with the image, so the field of view is unchanged."""
+        height = width if height is None else height
+        scale = torch.tensor([width / self.width, height / self.height, 1.0]).to(self.Ks)
+        return Cameras(self.viewmats, self.Ks * scale[:, None], width, height)
 
 
 def orbit_cameras(
@@ -130,6 +146,14 @@ def orbit_cameras(
     return Cameras(viewmats, Ks, width, height)
 
 
+def _ring(num_views: int, size: int, azimuth_offsets: torch.Tensor, elevations: torch.Tensor,
+          radius: float, fxfy: float) -> Cameras:
+    """``num_views`` azimuths evenly spaced from ``azimuth_offsets`` (..., 1) at ``elevations`` (..., 1)."""
+    base = torch.arange(num_views, dtype=torch.float32) * (360.0 / num_views)  # (V,)
+    azimuths = base + azimuth_offsets  # (..., V)
+    return orbit_cameras(azimuths, elevations.expand_as(azimuths), radius, fxfy, size, size)
+
+
 def default_rig(
     num_views: int = 4,
     size: int = 256,
@@ -137,11 +161,14 @@ def default_rig(
     radius: float = DIFFSPLAT_RADIUS,
     fxfy: float = DIFFSPLAT_FXFY,
 ) -> Cameras:
-    """DiffSplat's input rig: ``num_views`` azimuths evenly spaced from 0° (4 → 0/90/180/270)."""
+    """DiffSplat's input rig: ``num_views`` azimuths evenly spaced from 0° (4 → 0/90/180/270).
+
+    Every fixed rig is this one: the generators' conditioning rig, picture grids and turntables
+    (``num_views`` frames), and, at the config's elevation, evaluation renders (``render_rig``).
+    """
     if num_views < 1:
         raise ValueError(f"default_rig: num_views must be >= 1, got {num_views}")
-    azimuths = torch.arange(num_views, dtype=torch.float32) * (360.0 / num_views)
-    return orbit_cameras(azimuths, torch.full_like(azimuths, elevation_deg), radius, fxfy, size, size)
+    return _ring(num_views, size, torch.zeros(1), torch.full((1,), float(elevation_deg)), radius, fxfy)
 
 
 def jittered_rig(
@@ -167,9 +194,53 @@ def jittered_rig(
         raise ValueError(f"jittered_rig: num_views and batch_size must be >= 1, got {num_views}, {batch_size}")
     lead = (batch_size,) if batch_size is not None else ()
     offsets = torch.rand(*lead, 2, 1, generator=generator) - 0.5  # (..., 2, 1) in [-0.5, 0.5)
-    base = torch.arange(num_views, dtype=torch.float32) * (360.0 / num_views)  # (V,)
-    azimuths = base + azi_delta_deg * offsets[..., 0, :]  # (..., V)
-    elevations = (elevation_deg + elev_delta_deg * offsets[..., 1, :]).expand_as(azimuths)
+    return _ring(num_views, size, azi_delta_deg * offsets[..., 0, :],
+                 elevation_deg + elev_delta_deg * offsets[..., 1, :], radius, fxfy)
+
+
+def render_rig(
+    render: "RenderConfig",
+    size: int | None = None,
+    jitter: bool | None = None,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+) -> Cameras:
+    """The views of a run config's renders (``render``: its ``render`` section), the one rig that
+    training's reward renders, evaluation and ``infer --random-view`` share.
+
+    Jittered (``jittered_rig`` with the section's deltas, drawn from ``generator``; (B, V, ...) with
+    ``batch_size``) when ``jitter``, which defaults to ``render.random_view``; otherwise the same
+    views without the jitter: evenly spaced from 0° at ``render.elevation_deg``. ``size``: pixels
+    per side (default ``render.size``).
+    """
+    size = render.size if size is None else size
+    jitter = render.random_view if jitter is None else jitter
+    if jitter:
+        return jittered_rig(render.num_views, size, render.azi_delta_deg, render.elevation_deg,
+                            render.elevation_delta_deg, generator=generator, batch_size=batch_size)
+    return default_rig(render.num_views, size, elevation_deg=render.elevation_deg)
+
+
+def random_rig(
+    num_views: int,
+    size: int,
+    elevation_range_deg: tuple[float, float],
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+    radius: float = DIFFSPLAT_RADIUS,
+    fxfy: float = DIFFSPLAT_FXFY,
+) -> Cameras:
+    """``num_views`` independent random views: azimuths ~ U[0°, 360°), elevations uniform in
+    ``elevation_range_deg`` (low, high); (B, V, ...) with ``batch_size``, else (V, ...). Views of
+    no fixed rig, for render banks that must cover every angle (the tiny critic's data)."""
+    if num_views < 1 or (batch_size is not None and batch_size < 1):
+        raise ValueError(f"random_rig: num_views and batch_size must be >= 1, got {num_views}, {batch_size}")
+    low, high = elevation_range_deg
+    if not -90 < low <= high < 90:
+        raise ValueError(f"random_rig: elevation_range_deg must satisfy -90 < low <= high < 90, got {elevation_range_deg}")
+    lead = (batch_size,) if batch_size is not None else ()
+    azimuths = torch.rand(*lead, num_views, generator=generator) * 360.0
+    elevations = low + (high - low) * torch.rand(*lead, num_views, generator=generator)
     return orbit_cameras(azimuths, elevations, radius, fxfy, size, size)
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from r2d3ray.models.tiny import TINY_DEFAULT_CONFIG
 from r2d3ray.models.world import ATTRIBUTES, COLORS, SHAPES, SIZES, ObjectSpec, cast_rays, prompt_for, render_ground_truth
-from r2d3ray.render.cameras import Cameras, default_rig, orbit_cameras, pixel_rays
+from r2d3ray.render.cameras import default_rig, pixel_rays, random_rig
 from r2d3ray.render.rasterize import render_splats
 from r2d3ray.splats import Splats, decode_splatter_images
 
@@ -59,14 +59,6 @@ def geometries() -> list[ObjectSpec]:
 
 def geometry_key(spec: ObjectSpec) -> tuple[str, str, str]:
     return spec.shape, spec.size, spec.attribute
-
-
-def random_cameras(num_objects: int, num_views: int, size: int, generator: torch.Generator) -> Cameras:
-    """(num_objects, num_views) independent random orbit views around the origin, ``size``² pixels."""
-    azimuths = torch.rand(num_objects, num_views, generator=generator) * 360.0
-    low, high = ELEVATION_RANGE_DEG
-    elevations = low + (high - low) * torch.rand(num_objects, num_views, generator=generator)
-    return orbit_cameras(azimuths, elevations, width=size, height=size)
 
 
 @dataclass
@@ -132,11 +124,12 @@ def build_bank(size: int, splat_views: int, exact_views: int, jitter_views: int,
     G = len(specs)
     truth = _geometry_splats()  # (G, N)
     with torch.no_grad():
-        splat_alphas = render_splats(truth, random_cameras(G, splat_views, size, generator)).alphas
+        splat_alphas = render_splats(truth, random_rig(splat_views, size, ELEVATION_RANGE_DEG, generator, G)).alphas
 
         exact = []
-        for spec, cameras in zip(specs, _split_rig(random_cameras(G, exact_views, size, generator))):
-            origins, dirs = pixel_rays(cameras)  # (Ve, H, W, 3)
+        cameras = random_rig(exact_views, size, ELEVATION_RANGE_DEG, generator, G)  # (G, Ve, ...)
+        for g, spec in enumerate(specs):  # cast_rays shares one rig per call
+            origins, dirs = pixel_rays(cameras[g])  # (Ve, H, W, 3)
             exact.append(cast_rays(spec, origins, dirs)[0].float().unsqueeze(1))  # (Ve, 1, H, W)
         exact_alphas = torch.stack(exact)
 
@@ -144,7 +137,7 @@ def build_bank(size: int, splat_views: int, exact_views: int, jitter_views: int,
         copies = Splats(*(t.repeat_interleave(jitter_views, dim=0) for t in
                           (truth.means, truth.quats, truth.scales, truth.opacities, truth.colors)))
         jittered, shades = jitter_splats(copies, generator)
-        cameras = random_cameras(G * jitter_views, 1, size, generator)
+        cameras = random_rig(1, size, ELEVATION_RANGE_DEG, generator, G * jitter_views)
         render = render_splats(jittered, cameras, extra_features=shades)
     return RenderBank(
         geometries=specs,
@@ -153,12 +146,6 @@ def build_bank(size: int, splat_views: int, exact_views: int, jitter_views: int,
         jitter_alphas=render.alphas.view(G, jitter_views, 1, size, size),
         jitter_shades=render.features.view(G, jitter_views, 3, size, size),
     )
-
-
-def _split_rig(cameras: Cameras) -> list[Cameras]:
-    """A (G, V) batched rig -> G rigs of V views (``cast_rays`` shares one rig per call)."""
-    return [Cameras(cameras.viewmats[g], cameras.Ks[g], cameras.width, cameras.height)
-            for g in range(cameras.viewmats.shape[0])]
 
 
 def compose(alphas: torch.Tensor, colors: torch.Tensor, shades: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,63 +19,51 @@ fields of :class:`CriticTrainConfig`.
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
+from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
+from r2d3ray.config import Section, validate_options
 from r2d3ray.eval.critic import held_out_pairwise
 from r2d3ray.models.world import parse_prompt, sample_prompts, split_prompts
 from r2d3ray.rewards.critic import TinyCritic, prompt_indices
 from r2d3ray.rewards.critic_data import FAMILIES, add_pixel_noise, build_bank, negatives, positives
 
 
-@dataclass
-class CriticTrainConfig:
-    """Options of :func:`train_critic`; every field has the value the committed critic used."""
+class CriticTrainConfig(Section):
+    """Options of :func:`train_critic`, checked like a run config's sections (unknown keys, types and
+    ranges are refused); every field has the value the committed critic used."""
 
     seed: int = 0
-    steps: int = 500
-    batch_size: int = 64  # prompts per step, each with one ground truth and one negative
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 50
-    lr_schedule: str = "cosine"  # any name diffusers.optimization.get_scheduler knows
-    grad_clip: float = 1.0
-    pairwise_weight: float = 1.0  # weight of the Bradley–Terry pair loss beside the cross-entropy
-    image_size: int = 64  # the critic's input; configs/toy.yaml renders at 64
-    splat_views: int = 24  # bank views per geometry, per kind (see critic_data)
-    exact_views: int = 6
-    jitter_views: int = 24
-    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
-    embed_dim: int = 64
+    steps: int = Field(500, ge=1)
+    batch_size: int = Field(64, ge=1)  # prompts per step, each with one ground truth and one negative
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_steps: int = Field(50, ge=0)
+    lr_schedule: SchedulerType = SchedulerType.COSINE  # a name diffusers.optimization.get_scheduler knows
+    grad_clip: float = Field(1.0, gt=0.0)
+    pairwise_weight: float = Field(1.0, ge=0.0)  # weight of the Bradley–Terry pair loss beside the cross-entropy
+    image_size: int = Field(64, ge=1)  # the critic's input; configs/toy.yaml renders at 64
+    splat_views: int = Field(24, ge=1)  # bank views per geometry, per kind (see critic_data)
+    exact_views: int = Field(6, ge=1)
+    jitter_views: int = Field(24, ge=1)
+    widths: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
+    embed_dim: int = Field(64, ge=1)
     eval_seed: int = 1  # the held-out bank's views and pairs
-    eval_pairs_per_prompt: int = 8
-    num_threads: int | None = 2  # torch.set_num_threads; fixed for bitwise-reproducible weights
+    eval_pairs_per_prompt: int = Field(8, ge=1)
+    num_threads: int | None = Field(2, ge=1)  # torch.set_num_threads; fixed for bitwise-reproducible weights
 
+    @field_validator("widths")
     @classmethod
-    def from_dict(cls, values: dict) -> "CriticTrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"critic config: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "image_size", "splat_views", "exact_views", "jitter_views",
-                     "embed_dim", "eval_pairs_per_prompt"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"critic config: {name}={getattr(self, name)} must be >= 1")
-        if self.lr <= 0 or self.weight_decay < 0 or self.pairwise_weight < 0:
-            raise ValueError(f"critic config: lr={self.lr} must be > 0, weight_decay={self.weight_decay} and "
-                             f"pairwise_weight={self.pairwise_weight} >= 0")
-        if not self.widths or any(w < 8 or w % 8 for w in self.widths):
-            raise ValueError(f"critic config: widths={self.widths} must be non-empty multiples of 8 (GroupNorm(8))")
+    def _group_norm_widths(cls, widths: list[int]) -> list[int]:
+        if any(w < 8 or w % 8 for w in widths):
+            raise ValueError("every width must be a multiple of 8 (each block has a GroupNorm(8))")
+        return widths
 
 
 def critic_loss(truth: torch.Tensor, fake: torch.Tensor, pairwise_weight: float) -> torch.Tensor:
@@ -88,7 +76,7 @@ def critic_loss(truth: torch.Tensor, fake: torch.Tensor, pairwise_weight: float)
 def train_critic(config: CriticTrainConfig | dict, out_dir: str | Path, evaluate: bool = True) -> dict:
     """Train a critic from scratch and save it into ``out_dir``; returns what ``config.json`` records
     (``training``: the config, ``wall_time_s``, ``held_out``: the pairwise accuracies if ``evaluate``)."""
-    config = CriticTrainConfig.from_dict(config) if isinstance(config, dict) else config
+    config = validate_options(CriticTrainConfig, config, "critic config")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     started = time.perf_counter()
@@ -122,7 +110,7 @@ def train_critic(config: CriticTrainConfig | dict, out_dir: str | Path, evaluate
     critic.eval()
     train_time = time.perf_counter() - started
 
-    record = dict(training=dataclasses.asdict(config), train_time_s=round(train_time, 1))
+    record = dict(training=config.model_dump(mode="json"), train_time_s=round(train_time, 1))
     if evaluate:
         record["held_out"] = held_out_pairwise(critic, config.eval_seed, config.eval_pairs_per_prompt)
     record["wall_time_s"] = round(time.perf_counter() - started, 1)
