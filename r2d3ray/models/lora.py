@@ -11,13 +11,16 @@ Files are diffusers' LoRA format, as a pipeline's ``save_lora_weights`` writes i
 ``pytorch_lora_weights.safetensors`` with peft keys prefixed ``transformer.``
 (``transformer.transformer_blocks.0.attn1.to_q.lora_A.weight``) and the adapter's ``LoraConfig``
 in the safetensors metadata (``lora_adapter_metadata``), plus peft's ``adapter_config.json``.
-``transformer.load_lora_adapter(dir, prefix="transformer")`` loads them as they are.
+``transformer.load_lora_adapter(dir, prefix="transformer")`` loads them as they are. peft's own
+``PeftModel.from_pretrained`` reads another file, ``adapter_model.safetensors`` with keys prefixed
+``base_model.model.``; :func:`save_peft_adapter` writes that layout (``r2d3ray export`` does).
 :func:`load_lora` also reads the files Nabla-R2D3 saves (``StableDiffusionPipeline.save_lora_weights``),
 whose keys carry the prefix ``unet.`` instead.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -28,7 +31,7 @@ import torch
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE, LoraBaseMixin
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict, set_peft_model_state_dict
 
 DEFAULT_TARGETS = (
     "to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out",
@@ -37,6 +40,8 @@ DEFAULT_TARGETS = (
 LORA_PREFIX = "transformer"
 # Key prefixes load_lora reads: ours, and that of the reference's Stable Diffusion pipeline saver.
 LOADABLE_PREFIXES = (LORA_PREFIX, "unet")
+# A PeftModel holds the model it adapts as ``base_model.model``; its saved keys carry that path.
+PEFT_KEY_PREFIX = "base_model.model."
 
 
 def _check_denoiser(denoiser, adapter: str | None = None) -> None:
@@ -141,8 +146,29 @@ def save_lora(denoiser, save_directory: str | os.PathLike, adapter: str = "polic
         safe_serialization=True,
         lora_adapter_metadata=metadata,
     )
-    config.save_pretrained(str(save_directory))  # adapter_config.json, for peft tools
+    # adapter_config.json: rank, alpha and targets beside the weights. peft's from_pretrained also needs
+    # adapter_model.safetensors, which only save_peft_adapter writes.
+    config.save_pretrained(str(save_directory))
     return Path(save_directory) / LORA_WEIGHT_NAME_SAFE
+
+
+def save_peft_adapter(denoiser, save_directory: str | os.PathLike, adapter: str = "policy",
+                      base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter ``adapter`` in peft's layout, as ``PeftModel.save_pretrained`` writes it:
+    ``adapter_model.safetensors`` (keys ``base_model.model.<module>.lora_A.weight``) and
+    ``adapter_config.json``, so that ``PeftModel.from_pretrained(transformer, save_directory)`` loads
+    it onto the bare base transformer. Returns the weights file path."""
+    _check_denoiser(denoiser, adapter)
+    config = copy.deepcopy(denoiser.peft_config[adapter])  # the live adapter's config stays as it is
+    config.base_model_name_or_path = base_model_name_or_path
+    config.inference_mode = True  # a finished adapter; PeftModel.from_pretrained(is_trainable=True) undoes it
+    weights = {PEFT_KEY_PREFIX + key: value.detach().contiguous()
+               for key, value in get_peft_model_state_dict(denoiser, adapter_name=adapter).items()}
+    save_directory = Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(weights, str(save_directory / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    config.save_pretrained(str(save_directory))
+    return save_directory / SAFETENSORS_WEIGHTS_NAME
 
 
 def _key_prefix(path: Path) -> str:
