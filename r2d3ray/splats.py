@@ -79,6 +79,15 @@ class Splats:
         index %= self.batch_size
         return self._map(lambda t: t[index : index + 1])
 
+    def first(self, n: int) -> "Splats":
+        """The first ``n`` objects (all when there are fewer)."""
+        return self._map(lambda t: t[:n])
+
+    @staticmethod
+    def cat(items: list["Splats"]) -> "Splats":
+        """The objects of every item, in order (each field concatenated along B)."""
+        return Splats(*(torch.cat([getattr(item, f.name) for item in items]) for f in fields(Splats)))
+
     def validate(self) -> "Splats":
         """Check shapes and finiteness; raises ValueError naming the field. Returns self."""
         if not isinstance(self.means, torch.Tensor) or self.means.ndim != 3:

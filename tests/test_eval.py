@@ -92,6 +92,9 @@ def test_eval_against_a_lora_writes_the_table_report_and_mlflow_run(tiny_run, tm
 
     html = (out / "index.html").read_text()
     assert "tiny-test@2" in html and "figures/curves.png" in html and "a blue sphere" in html
+    # The 3D viewers: the script and one data file per prompt shown (its base and fine-tuned objects).
+    assert (out / "viewer" / "splat-viewer.js").is_file() and len(list((out / "viewer").glob("splats_*.js"))) == 2
+    assert html.count("<canvas") == 4  # 2 prompts x 2 runs
     summary = (out / "summary.md").read_text()
     assert "| base |" in summary and "| tiny-test@2 |" in summary and "2 steps" in summary  # from state.json
 

@@ -1,6 +1,7 @@
 """The `infer`, `eval` and `precompute-rewards` subcommands; `r2d3ray.cli` calls `register(subparsers)`.
 
-    r2d3ray infer --config F --prompts FILE --out DIR [--lora DIR] [--tag T] [--vis-normal] [--random-view]
+    r2d3ray infer --config F (--prompts FILE | --prompt TEXT) --out DIR [--lora DIR] [--tag T] [--vis-normal]
+                  [--random-view]            (`r2d3ray sample` is the same command)
     r2d3ray eval --config F --runs base,RUN1,... --prompts FILE [--seeds N] [--out DIR]
     r2d3ray precompute-rewards --config F --prompts FILE --out FILE.parquet [--seeds N]
 
@@ -21,10 +22,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from r2d3ray.infer import InferOptions, build_pipeline, infer, infer_on_ray
 
     cfg = load_config(args.config, args.overrides)
-    prompts = read_prompts(args.prompts)
-    opts = InferOptions(seed=args.seed, batch_size=args.batch_size or cfg.sampling.batch_size,
-                        size=args.size or cfg.render.size, tag=args.tag, vis_normal=args.vis_normal,
-                        random_view=args.random_view, frames=args.frames)
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    opts = InferOptions.checked(seed=args.seed, batch_size=args.batch_size or cfg.sampling.batch_size,
+                                size=args.size or cfg.render.size, tag=args.tag, vis_normal=args.vis_normal,
+                                random_view=args.random_view, frames=args.frames)
     if args.num_workers:  # the same files, from batches spread over Ray actors
         written = infer_on_ray(cfg, prompts, args.out, opts, args.lora, args.num_workers, args.gpus_per_worker)
     else:
@@ -52,7 +53,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluation = evaluate(cfg, runs, prompts, list(range(args.seeds)), args.batch_size or cfg.sampling.batch_size,
                           args.clip_checkpoint, args.pictures)
     tracking_uri = None if args.no_mlflow else resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir)
-    index = write_report(evaluation, out, tracking_uri)
+    index = write_report(evaluation, out, tracking_uri, evaluation.splats or None, cfg.render.gaussian_convention)
     print((out / "summary.md").read_text())
     if tracking_uri:
         run_id = log_evaluation(evaluation, out, tracking_uri, cfg.tracking.experiment, name,
@@ -85,13 +86,17 @@ def register(subparsers) -> None:
     from r2d3ray.cli_args import add_config_args
 
     infer = subparsers.add_parser(
-        "infer", help="sample a base model (and a LoRA): per prompt a PLY, a multi-view grid PNG and a turntable GIF",
+        "infer", aliases=["sample"],
+        help="sample a base model (and a LoRA): per prompt a PLY, a multi-view grid PNG and a turntable GIF",
         description="Sample prompts with the config's base model, or with a LoRA on it, and write per prompt "
-                    "<index>_<prompt>[_TAG].ply (3DGS), .png (multi-view grid) and .gif (turntable).",
+                    "<index>_<prompt>[_TAG].ply (3DGS), .png (multi-view grid) and .gif (turntable). "
+                    "`r2d3ray sample` is the same command.",
     )
     add_config_args(infer)
-    infer.add_argument("--prompts", required=True, metavar="FILE",
+    which = infer.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompts", metavar="FILE",
                        help="prompts: a text file (one per line) or a Parquet prompt set with a 'prompt' column")
+    which.add_argument("--prompt", metavar="TEXT", help='one prompt, e.g. "a red cube"')
     infer.add_argument("--out", required=True, metavar="DIR", help="output directory")
     infer.add_argument("--lora", metavar="DIR",
                        help="a LoRA directory, or a training checkpoint containing lora/ (default: the base model)")

@@ -1,7 +1,7 @@
 """Compare fine-tuned generators with their base model on the same held-out prompts and seeds.
 
 Every model is sampled with the training sampler on the same prompts, seeds and batch size, so
-sample (prompt, seed) of each run starts from the same noise as the base model's (``infer.batch_generator``).
+sample (prompt, seed) of each run starts from the same noise as the base model's (``infer.generate_batches``).
 Each sample is rendered from the config's reward rig without jitter (``eval_cameras``) and measured:
 
 * ``reward``, ``reward/<term>``: the configured reward terms, scored in this process from the reward
@@ -40,10 +40,12 @@ from tqdm import tqdm
 from r2d3ray.config import R2D3Config, load_reward_app_config
 from r2d3ray.eval.prior import color_fidelity
 from r2d3ray.eval.stats import mean_se
-from r2d3ray.infer import batch_generator, build_pipeline, check_prompts, resolve_lora
+from r2d3ray.infer import build_pipeline, check_prompts, generate_batches, resolve_lora
 from r2d3ray.models.lora import load_lora
-from r2d3ray.render.cameras import Cameras, default_rig
-from r2d3ray.rewards.registry import CombinedReward, build_reward
+from r2d3ray.render.cameras import Cameras, render_rig
+from r2d3ray.rewards.combiner import CombinedReward
+from r2d3ray.rewards.registry import build_reward, rewards_from_app_config
+from r2d3ray.splats import Splats
 
 # metric -> True when higher is better (prior_kid: lower is better).
 HIGHER_IS_BETTER = {"reward": True, "color_accuracy": True, "silhouette_iou": True, "clip_score": True,
@@ -114,19 +116,15 @@ def build_combined_reward(cfg: R2D3Config) -> CombinedReward:
     """The run config's reward terms, built in this process from the reward app config
     (``cfg.rewards.app_config``: deployment name -> registered reward + kwargs). All views are
     scored and no noise is added, so scores are deterministic."""
-    app = {d.name: d for d in load_reward_app_config(cfg.rewards.app_config).deployments}
-    missing = [t.name for t in cfg.rewards.terms if t.name not in app]
-    if missing:
-        raise ValueError(f"rewards.terms name {missing}, which the reward app {cfg.rewards.app_config!r} does not "
-                         f"define (it has: {', '.join(sorted(app))})")
-    rewards = {t.name: build_reward(app[t.name].reward, **app[t.name].kwargs) for t in cfg.rewards.terms}
-    return CombinedReward(rewards, {t.name: t.weight for t in cfg.rewards.terms}, aggregate=cfg.rewards.aggregate)
+    weights = {t.name: t.weight for t in cfg.rewards.terms}
+    return CombinedReward(rewards_from_app_config(cfg.rewards.app_config, weights), weights,
+                          aggregate=cfg.rewards.aggregate)
 
 
 def eval_cameras(cfg: R2D3Config) -> Cameras:
     """The reward renders' rig without the training jitter: evenly spaced azimuths from 0 at the
     config's base elevation and size."""
-    return default_rig(cfg.render.num_views, cfg.render.size, elevation_deg=cfg.render.elevation_deg)
+    return render_rig(cfg.render, jitter=False)
 
 
 def configured_clip_checkpoint(cfg: R2D3Config) -> str | None:
@@ -219,6 +217,7 @@ class Evaluation:
     samples: one dict per run × prompt × seed: ``run, prompt, seed`` and each per-sample metric.
     summary: run label -> metric -> (mean, standard error).
     pictures: run label -> (P', V, 3, H, W) renders of the first prompts at the first seed.
+    splats: run label -> the (P', N) objects behind those pictures (the report's 3D viewers).
     """
 
     runs: list[RunSpec]
@@ -229,6 +228,7 @@ class Evaluation:
     summary: dict[str, dict[str, tuple[float, float]]]
     pictures: dict[str, torch.Tensor]
     notes: list[str]
+    splats: dict[str, Splats] = field(default_factory=dict)
 
     @property
     def metrics(self) -> list[str]:
@@ -258,7 +258,7 @@ def evaluate(cfg: R2D3Config, runs: list[RunSpec], prompts: list[str], seeds: li
     needs = reward.needs | dnc.needs
     tiny_world = cfg.model.kind == "tiny"
     if tiny_world:
-        from r2d3ray.models.world import parse_prompt, silhouette
+        from r2d3ray.models.world import parse_prompt, silhouette, silhouette_iou
 
         masks = torch.stack([silhouette(parse_prompt(p), cameras) for p in prompts])  # (P, V, 1, H, W) bool
     if clip_checkpoint is None and (configured := configured_clip_checkpoint(cfg)):
@@ -272,7 +272,7 @@ def evaluate(cfg: R2D3Config, runs: list[RunSpec], prompts: list[str], seeds: li
                      "clip_checkpoint); prior_kid and diversity use pixel features")
     feature_space = "CLIP image embeddings" if clip else f"pixels (RGB + alpha, {PIXEL_FEATURE_SIZE}x{PIXEL_FEATURE_SIZE} per view)"
 
-    samples, features, pictures = [], {}, {}
+    samples, features, pictures, objects = [], {}, {}, {}
     denoiser = pipe.generator.denoiser
     total = len(runs) * len(seeds) * math.ceil(len(prompts) / batch_size)
     progress = tqdm(total=total, desc="eval", unit="batch")
@@ -280,13 +280,12 @@ def evaluate(cfg: R2D3Config, runs: list[RunSpec], prompts: list[str], seeds: li
         if run.lora is not None:
             # Each run is its own adapter on the one base model; loading one makes it the active one.
             load_lora(denoiser, run.lora, adapter=f"eval{index}")
-        run_features, run_pictures = [], []  # per seed (P, d); (b, V, 3, H, W) chunks
+        run_features, run_pictures, run_objects = [], [], []  # per seed (P, d); (b, V, 3, H, W) chunks; Splats
         for seed in seeds:
             seed_features = []
-            for k, start in enumerate(range(0, len(prompts), batch_size)):
-                chunk = prompts[start:start + batch_size]
-                # Batch k of seed s has the noise of batch k of infer.generate(pipe, prompts, s, batch_size).
-                splats = pipe.splats(pipe.sample(chunk, batch_generator(seed, k)).final)
+            # infer.generate's batches: sample (prompt, seed) has the same noise in every run and in `infer`.
+            for start, chunk, latents in generate_batches(pipe, prompts, seed, batch_size):
+                splats = pipe.splats(latents)
                 views = pipe.render_splats(splats, cameras, needs)
                 extras = {k: views[k] for k in needs}
                 scored = reward.score(views["images"], chunk, extras)
@@ -295,9 +294,7 @@ def evaluate(cfg: R2D3Config, runs: list[RunSpec], prompts: list[str], seeds: li
                 metrics["dnc"] = dnc.score(views["images"], chunk, extras).values.mean(1)
                 if tiny_world:
                     metrics["color_accuracy"] = color_fidelity(splats, chunk)
-                    drawn, target = views["alphas"].cpu() > 0.5, masks[start:start + batch_size]
-                    metrics["silhouette_iou"] = ((drawn & target).sum((1, 2, 3, 4))
-                                                 / (drawn | target).sum((1, 2, 3, 4)).clamp(min=1))
+                    metrics["silhouette_iou"] = silhouette_iou(views["alphas"].cpu(), masks[start:start + batch_size])
                 if clip is not None:
                     embeddings = clip.image_embeddings(views["images"])  # (b, V, D)
                     metrics["clip_score"] = clip.clip_score(embeddings, chunk)
@@ -309,10 +306,13 @@ def evaluate(cfg: R2D3Config, runs: list[RunSpec], prompts: list[str], seeds: li
                                     **{k: float(v[i]) for k, v in metrics.items()}})
                 if seed == seeds[0] and start < max_pictures:
                     run_pictures.append(views["images"][: max_pictures - start].cpu())
+                    run_objects.append(splats.detach().to("cpu").first(max_pictures - start))
                 progress.update()
             run_features.append(torch.cat(seed_features).cpu())
         features[run.label] = torch.stack(run_features)  # (S, P, d)
         pictures[run.label] = torch.cat(run_pictures) if run_pictures else torch.empty(0)
+        if run_objects:
+            objects[run.label] = Splats.cat(run_objects)
     progress.close()
 
     summary = {}
@@ -329,7 +329,7 @@ def evaluate(cfg: R2D3Config, runs: list[RunSpec], prompts: list[str], seeds: li
         notes.append("diversity needs at least 2 seeds; it is NaN")
     if len(prompts) * len(seeds) < 4:
         notes.append("prior_kid has no standard error below 4 samples per run")
-    return Evaluation(runs, list(prompts), list(seeds), feature_space, samples, summary, pictures, notes)
+    return Evaluation(runs, list(prompts), list(seeds), feature_space, samples, summary, pictures, notes, objects)
 
 
 @torch.no_grad()
@@ -347,13 +347,16 @@ def base_model_rewards(cfg: R2D3Config, prompts: list[str], seeds: list[int], ba
     cameras = eval_cameras(cfg)
     model = cfg.model.path or "tiny prior"
     rows = []
-    batches = [(seed, k, start) for seed in seeds for k, start in enumerate(range(0, len(prompts), batch_size))]
-    for seed, k, start in tqdm(batches, desc="precompute-rewards", unit="batch"):
-        chunk = prompts[start:start + batch_size]
-        views = pipe.render(pipe.sample(chunk, batch_generator(seed, k)).final, cameras, reward.needs)
-        scored = reward.score(views["images"], chunk, {key: views[key] for key in reward.needs})
-        created = datetime.now(timezone.utc)
-        for name, values in scored.components.items():
-            rows += [{"prompt": p, "seed": seed, "reward": float(v), "reward_name": name, "model": model,
-                      "created": created} for p, v in zip(chunk, values.mean(1).tolist())]
+    progress = tqdm(total=len(seeds) * math.ceil(len(prompts) / batch_size), desc="precompute-rewards", unit="batch")
+    for seed in seeds:
+        # evaluate's base-model batches: the same noise, so the cache matches its samples
+        for _, chunk, latents in generate_batches(pipe, prompts, seed, batch_size):
+            views = pipe.render(latents, cameras, reward.needs)
+            scored = reward.score(views["images"], chunk, {key: views[key] for key in reward.needs})
+            created = datetime.now(timezone.utc)
+            for name, values in scored.components.items():
+                rows += [{"prompt": p, "seed": seed, "reward": float(v), "reward_name": name, "model": model,
+                          "created": created} for p, v in zip(chunk, values.mean(1).tolist())]
+            progress.update()
+    progress.close()
     return rows

@@ -8,6 +8,8 @@
     samples.parquet     one row per run x prompt x seed with every per-sample metric
     figures/*.png       metrics.png (bars ± SE), curves.png (reward vs step of the training runs,
                         from MLflow), grid_<i>.png (one row per run, same prompt and seed)
+    viewer/             when splats are given: interactive 3D views of the same objects, one per run
+                        side by side under each grid (r2d3ray/eval/viewer.py); works opened from disk
 
 Training runs are found in MLflow by the checkpoint's ``state.json`` ``mlflow_run_id``, else by run
 name (the checkpoint config's name, or the label given as ``label=PATH``). Their wall time and
@@ -25,8 +27,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from r2d3ray.eval import viewer
 from r2d3ray.eval.metrics import Evaluation, RunSpec, higher_is_better, mean_se
 from r2d3ray.render.pictures import save_grid_png
+from r2d3ray.splats import Splats
 
 
 @dataclass
@@ -206,10 +210,18 @@ def _html_table(markdown: str) -> str:
     return "\n".join(out + ["</table>"])
 
 
-def write_report(evaluation: Evaluation, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
+def write_report(evaluation: Evaluation, out_dir: str | Path, tracking_uri: str | None = None,
+                 splats: dict[str, Splats] | None = None, gaussian_convention: str = "gsplat",
+                 viewer_gaussians: int = viewer.DEFAULT_MAX_GAUSSIANS) -> Path:
     """Write the report files into ``out_dir`` (see the module docstring); returns index.html's path.
-    ``tracking_uri``: the MLflow store holding the training runs (None: no curves or cost)."""
+    ``tracking_uri``: the MLflow store holding the training runs (None: no curves or cost).
+    ``splats``: run label -> the (P', N) objects behind ``evaluation.pictures`` (first prompts, first
+    seed), shown as 3D viewers drawn in ``gaussian_convention`` with at most ``viewer_gaussians``
+    Gaussians each; None: pictures only."""
     out_dir = Path(out_dir)
+    labels = [run.label for run in evaluation.runs]
+    if splats is not None and list(splats) != labels:
+        raise ValueError(f"write_report: splats are labelled {list(splats)}, expected the runs {labels} in order")
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     import matplotlib
@@ -239,12 +251,19 @@ def write_report(evaluation: Evaluation, out_dir: str | Path, tracking_uri: str 
 
     _plot_metrics(evaluation, figures / "metrics.png")
     has_curves = _plot_curves(histories, figures / "curves.png")  # all runs, so colours match metrics.png
-    labels = [run.label for run in evaluation.runs]
     grids = []
     for i, prompt in enumerate(evaluation.prompts[: min(len(p) for p in evaluation.pictures.values())]):
         path = figures / f"grid_{i:03d}.png"
         save_grid_png([evaluation.pictures[label][i] for label in labels], path)  # one row per run
         grids.append((prompt, path.relative_to(out_dir)))
+    views = viewer.write_viewers(out_dir, splats, evaluation.prompts, gaussian_convention,
+                                 viewer_gaussians) if splats else []
+    before_after = []
+    for i, prompt in enumerate(evaluation.prompts[: max(len(grids), len(views))]):
+        if i < len(grids):
+            before_after.append(f"<figure><img src='{grids[i][1]}'><figcaption>{html.escape(prompt)}</figcaption></figure>")
+        if i < len(views):
+            before_after.append(views[i] if i < len(grids) else f"<p>{html.escape(prompt)}</p>{views[i]}")
 
     esc = html.escape
     body = [
@@ -261,10 +280,13 @@ def write_report(evaluation: Evaluation, out_dir: str | Path, tracking_uri: str 
         f"({esc(tracking_uri or 'no tracking URI')}).</p>",
         f"<h2>Before / after (seed {evaluation.seeds[0]})</h2>",
         f"<p>Rows, top to bottom: {esc(', '.join(labels))}. Same prompt and seed, so the same initial noise.</p>",
-        *[f"<figure><img src='{path}'><figcaption>{esc(prompt)}</figcaption></figure>" for prompt, path in grids],
+        *([f"<p>{esc(viewer.HELP)}</p>"] if views else []),
+        *before_after,
+        *([viewer.SCRIPT_TAG] if views else []),
     ]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}img{max-width:100%}.note{color:#a50}")
+             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}img{max-width:100%}.note{color:#a50}"
+             + (viewer.STYLE if views else ""))
     index = out_dir / "index.html"
     index.write_text("<!doctype html><html><head><meta charset='utf-8'><title>r2d3ray evaluation</title>"
                      f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
