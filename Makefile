@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo gpu-check install clean-venv
+.PHONY: test demo compare gpu-check cluster-rehearsal install clean-venv
 
 install: $(STAMP)
 
@@ -25,9 +25,18 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/r2d3ray demo
 
+# Every algorithm on one budget, 2 seeds each, one MLflow experiment; writes outputs/compare/ (~32 min on 2 idle CPU cores).
+compare: $(STAMP)
+	$(BIN)/r2d3ray compare
+
 # On a CUDA machine: gsplat parity, GPU render timings, DiffSplat-size memory/time (benchmarks/README.md).
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py --out outputs/gpu_check.json
+
+# A three-node Ray cluster and an MLflow server on this machine: the reward plane and two training
+# jobs through the Jobs API, a trainer node and a reward replica killed mid-run (benchmarks/README.md).
+cluster-rehearsal: $(STAMP)
+	$(BIN)/python benchmarks/cluster_rehearsal.py --out outputs/cluster_rehearsal.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -63,6 +63,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from r2d3ray.compare import run_compare
+
+    run_compare(args.config, args.overrides, args.methods, args.seeds, args.epochs, args.out, args.experiment)
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from r2d3ray.config import read_options
     from r2d3ray.models.pretrain import pretrain
@@ -112,19 +119,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_main(args.config, args.overrides, args.address)
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    from r2d3ray.config import load_config
-    from r2d3ray.infer import build_pipeline, generate, read_prompt_file, write_outputs
-
-    cfg = load_config(args.config, args.overrides)
-    prompts = read_prompt_file(args.prompts) if args.prompts else [args.prompt]
-    pipe = build_pipeline(cfg, args.lora)
-    latents = generate(pipe, prompts, seed=args.seed)
-    for path in write_outputs(pipe, prompts, latents, args.out, size=args.size):
-        print(f"wrote {path}")
-    return 0
-
-
 def cmd_prepare_diffsplat(args: argparse.Namespace) -> int:
     from r2d3ray.models.prepare import prepare_diffsplat, prompts_to_cache
 
@@ -144,6 +138,16 @@ def cmd_prepare_diffsplat(args: argparse.Namespace) -> int:
                             reference_cache=args.reference_cache, batch_size=args.batch_size,
                             address=args.address, num_encoders=args.num_encoders)  # fmt: skip
     print(f"wrote {out}; load it with model.kind: diffsplat, model.path: {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from r2d3ray.export import export_run
+
+    result = export_run(args.run, args.out, args.config, args.overrides, args.eval)
+    print(f"exported {result.lora} to {result.out}: lora/ (diffusers), peft/ (peft), merged/ (the base model with "
+          f"the LoRA merged), config.yaml; model card {result.card} "
+          f"({len(result.evaluations) or 'no'} evaluation report{'' if len(result.evaluations) == 1 else 's'})")
     return 0
 
 
@@ -203,6 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(demo, required=False)
     demo.set_defaults(func=cmd_demo, config="configs/toy.yaml")
 
+    compare = sub.add_parser(
+        "compare", help="train every algorithm on one budget, several seeds, one MLflow experiment; report side by side",
+        description="For each method x seed, train a run that differs from the base config only in algorithm.name and "
+                    "training.seed (the same trajectories per epoch, epochs and optimizer steps), one after another, "
+                    "as runs compare-<method>-seed<k>-<date> of the MLflow experiment compare-<date>; then evaluate "
+                    "the base model and each run's checkpoints on the held-out prompts with the same seeds and write "
+                    "<out>/compare.md (the table), compare_summary.json, compare_curves.png, before_after.png and "
+                    "report/. A re-run with the same --out skips the finished runs. See r2d3ray/compare.py.",
+    )
+    add_config_args(compare, required=False,
+                    what="the base run config (default: configs/toy.yaml aligned to the tiny critic, with "
+                         "algorithm.nabla.reward_scale=1000)")
+    compare.add_argument("--methods", default="nabla,nft,grpo,reward_backprop", metavar="LIST",
+                         help="comma-separated algorithms (default: nabla,nft,grpo,reward_backprop)")
+    compare.add_argument("--seeds", type=int, default=2, metavar="N", help="training seeds 0..N-1 per method (default 2)")
+    compare.add_argument("--epochs", type=int, default=None, metavar="N",
+                         help="trained epochs per run (default: 10 without --config, the budget that fits 40 minutes "
+                              "on a 2-core CPU; else the config's training.epochs)")
+    compare.add_argument("--out", default=None, metavar="DIR", help="results directory (default: <output_dir>/compare)")
+    compare.add_argument("--experiment", default=None, metavar="NAME",
+                         help="MLflow experiment of the runs (default: compare-<date>)")
+    compare.set_defaults(func=cmd_compare)
+
     pretrain = sub.add_parser("pretrain", help="train the tiny splat prior (the embedded default's base model) on CPU")
     add_config_args(pretrain, what="YAML pretraining options, e.g. configs/tiny_prior.yaml")
     pretrain.add_argument("--out", required=True, metavar="DIR", help="where to save the model (save_pretrained layout)")
@@ -229,17 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
                             "app stays up; the default), 'local' (a new one in this process: blocks until Ctrl-C) "
                             "or an address such as ray://head:10001")
     serve.set_defaults(func=cmd_serve)
-
-    sample = sub.add_parser("sample", help="generate splats for prompts: a PLY and a multi-view grid PNG per prompt")
-    add_config_args(sample)
-    which = sample.add_mutually_exclusive_group(required=True)
-    which.add_argument("--prompt", help='one prompt, e.g. "a red cube"')
-    which.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line")
-    sample.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    sample.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    sample.add_argument("--lora", metavar="DIR", help="a LoRA directory (a checkpoint's lora/); default: the base model")
-    sample.add_argument("--size", type=int, default=256, help="grid view size in pixels (default 256)")
-    sample.set_defaults(func=cmd_sample)
 
     prepare = sub.add_parser(
         "prepare-diffsplat",
@@ -272,6 +288,26 @@ def build_parser() -> argparse.ArgumentParser:
     from r2d3ray.eval.commands import register as register_eval_commands  # imports _add_config_args from here
 
     register_eval_commands(sub)
+
+    export = sub.add_parser(
+        "export", help="write a run's LoRA (diffusers and peft layouts), the base model with it merged, and a model card",
+        description="Export a trained run into DIR: lora/ (diffusers' pytorch_lora_weights.safetensors), peft/ "
+                    "(adapter_model.safetensors for PeftModel.from_pretrained), merged/ (the base model with the LoRA "
+                    "merged, in the base model's own layout: load it as model.path with no LoRA), config.yaml and "
+                    "README.md, a model card with the base model, algorithm, rewards, training state and the "
+                    "evaluation numbers of `r2d3ray eval` reports that list the LoRA. See r2d3ray/export.py.",
+    )
+    export.add_argument("--run", required=True, metavar="PATH",
+                        help="a run directory (its newest checkpoint), a training checkpoint (its lora/) or a LoRA directory")
+    export.add_argument("--out", required=True, metavar="DIR", help="the export directory to write (new or empty)")
+    add_config_args(export, required=False,
+                    what="the run config (default: the one the checkpoint's state.json holds; required for a bare "
+                         "LoRA directory)")
+    export.add_argument("--eval", action="append", default=[], metavar="REPORT",
+                        help="an `r2d3ray eval` report directory (or its metrics.json) or a `make demo` "
+                             "demo_summary.json whose numbers go into the card (repeatable); reports under "
+                             "<output_dir>/eval that list the LoRA are found without it")
+    export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="run a benchmark; prints a table and writes JSON")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="NAME")

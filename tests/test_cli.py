@@ -20,7 +20,7 @@ def test_help_lists_every_subcommand(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     for command in ("config", "render", "train", "serve", "demo", "sample", "infer", "eval",
-                    "precompute-rewards", "pretrain", "eval-prior", "bench"):
+                    "precompute-rewards", "pretrain", "eval-prior", "bench", "compare", "export"):
         assert command in out
 
 
