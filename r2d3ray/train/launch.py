@@ -244,7 +244,10 @@ def connect_ray(plan: Plan, address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if not plan.cfg.training.use_gpu else {}
+    # DeepSpeed on CPU workers needs its accelerator named. A submitted job whose runtime env names
+    # it already passes it on, and Ray refuses a second runtime env that sets the same variable.
+    named_by_job = in_submitted_job() and "DS_ACCELERATOR" in os.environ
+    env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if not plan.cfg.training.use_gpu and not named_by_job else {}
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, runtime_env=env or None)
         return
