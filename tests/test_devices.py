@@ -10,7 +10,7 @@ from torch import nn
 from r2d3ray.config import build_config
 from r2d3ray.models.loading import check_on_device, load_generator, resolve_device
 from r2d3ray.models.tiny import TinySplatGenerator
-from r2d3ray.serve.client import _decode
+from r2d3ray.serve.wire import decode_answer
 
 SMALL = dict(num_layers=1, num_attention_heads=2, attention_head_dim=8, resolution=16, caption_channels=16)
 
@@ -60,5 +60,5 @@ def test_model_device_names():
 def test_reward_answers_come_back_on_the_images_device():
     answer = {"values": np.ones((2, 4), np.float32), "grads": np.zeros((2, 4, 3, 8, 8), np.float32),
               "extra_grads": {"depths": np.zeros((2, 4, 1, 8, 8), np.float32)}, "finite": np.ones((2, 4), bool)}
-    out = _decode(answer, "float32", torch.device("meta"))
+    out = decode_answer(answer, "float32", torch.device("meta"))
     assert {t.device.type for t in (out.values, out.grads, out.extra_grads["depths"], out.finite)} == {"meta"}
