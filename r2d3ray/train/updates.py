@@ -137,6 +137,13 @@ def worker_optimality(rewards: torch.Tensor, prompts: list[str], adv_clip_max: f
                                 all_gather, rank)
 
 
+def grouped_prompts(run, group_size: int) -> list[str]:
+    """One sampling batch's prompts for a group-relative algorithm: batch_size // group_size prompts
+    (at least one), each repeated group_size times (R2D3Config.samples_per_epoch counts the same)."""
+    per_batch = max(run.cfg.sampling.batch_size // group_size, 1)
+    return [p for p in run.next_prompts(per_batch) for _ in range(group_size)]
+
+
 def micro_batches_per_update(cfg: R2D3Config) -> int:
     return cfg.training.gradient_accumulation_steps // cfg.training.micro_batch_size  # the config checks it divides
 
@@ -314,12 +321,11 @@ class NFTUpdates(Algorithm):
 
     def collect(self) -> Batch:
         """Groups of G samples per prompt from the old policy; rewards requested while the next batch samples."""
-        run, s = self.run, self.run.cfg.sampling
-        per_batch = max(s.batch_size // self.cfg.group_size, 1)
+        run = self.run
         clean, prompts, pendings = [], [], []
         with run.pipeline.generator.use_adapter("old"):
-            for _ in range(s.num_batches_per_epoch):
-                group_prompts = [p for p in run.next_prompts(per_batch) for _ in range(self.cfg.group_size)]
+            for _ in range(run.cfg.sampling.num_batches_per_epoch):
+                group_prompts = grouped_prompts(run, self.cfg.group_size)
                 x0 = run.pipeline.sample_ode(group_prompts, run.rng, guidance_scale=1.0)  # CFG-free
                 with torch.no_grad():
                     views = run.pipeline.render(x0, run.reward_cameras(len(x0)), run.needs)
@@ -408,11 +414,10 @@ class GRPOUpdates(Algorithm):
     def collect(self) -> Batch:
         """Groups of G trajectories per prompt from the current policy with their transition
         log-probabilities; rewards requested while the next batch samples."""
-        run, s = self.run, self.run.cfg.sampling
-        per_batch = max(s.batch_size // self.cfg.group_size, 1)
+        run = self.run
         rollouts, pendings = [], []
-        for _ in range(s.num_batches_per_epoch):
-            prompts = [p for p in run.next_prompts(per_batch) for _ in range(self.cfg.group_size)]
+        for _ in range(run.cfg.sampling.num_batches_per_epoch):
+            prompts = grouped_prompts(run, self.cfg.group_size)
             rollout = run.pipeline.sample(prompts, run.rng)
             with torch.no_grad():
                 views = run.pipeline.render(rollout.final, run.reward_cameras(len(rollout)), run.needs)
