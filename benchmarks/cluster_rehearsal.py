@@ -49,7 +49,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,6 +64,9 @@ import yaml
 # `ray start` turns token authentication on; Ray's clients (the CLI, the Jobs SDK, ray.init) send
 # the token (~/.ray/auth_token) only in this mode, which Ray reads when it is imported.
 os.environ["RAY_AUTH_MODE"] = "token"
+# After that (it imports Ray). This script's folder is sys.path[0], and Ray hands the driver's path to
+# its actors: the port picker and the copy floor are the reward-plane benchmark's.
+from bench_rewards import copy_bandwidth, free_port  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # `ray` and `mlflow` of this interpreter's environment
 APP = "rewards"
@@ -86,12 +88,6 @@ class Sizes:
 
 QUICK = Sizes(epochs=8, measure_rounds=2, measure_block=3, stream_in_flight=4, stream_after_kill=8)
 FULL = Sizes(epochs=12, measure_rounds=6, measure_block=5, stream_in_flight=4, stream_after_kill=40)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(what: str, predicate, timeout_s: float, period_s: float = 0.5):
@@ -351,17 +347,6 @@ def training_overrides(name: str, algorithm: str, shared: Path, app_config: Path
 
 
 # ---------------------------------------------------------------------------------- clients on the cluster
-
-
-def copy_bandwidth(nbytes: int = 64 * 2**20, repeats: int = 10) -> float:
-    """Bytes per second of a numpy copy between two buffers larger than the caches (median)."""
-    src, dst = np.ones(nbytes // 4, np.float32), np.empty(nbytes // 4, np.float32)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - start)
-    return nbytes / float(np.median(times))
 
 
 class RewardClient:
