@@ -42,7 +42,7 @@ from pathlib import Path
 
 from r2d3ray.config import R2D3Config, load_config
 from r2d3ray.errors import UserError
-from r2d3ray.eval.stats import mean_se
+from r2d3ray.eval.stats import mean_se, paired_differences
 
 METHODS = ("nabla", "nft", "grpo", "reward_backprop")
 DEFAULT_CONFIG = "configs/toy.yaml"
@@ -141,22 +141,12 @@ def _changed_keys(before: dict, after: dict) -> list[str]:
     return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in keys if before.get(k) != after.get(k)]
 
 
-def _flat(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def open_plan(out: Path, base: R2D3Config, experiment: str | None) -> tuple[str, str]:
     """The comparison's date and experiment: those of ``out``'s earlier start (so a re-run continues
     it), else new ones (``save_plan`` records them once the runs are checked). The shared setting
     must be the one ``out`` was started with."""
     plan_file = out / "compare_plan.json"
-    setting = _flat(base.model_dump(mode="json"))
+    setting = base.flat()
     if plan_file.is_file():
         plan = json.loads(plan_file.read_text())
         changed = _changed_keys(plan["setting"], setting)
@@ -175,7 +165,7 @@ def open_plan(out: Path, base: R2D3Config, experiment: str | None) -> tuple[str,
 def save_plan(out: Path, base: R2D3Config, date: str, experiment: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare_plan.json").write_text(json.dumps(
-        {"date": date, "experiment": experiment, "setting": _flat(base.model_dump(mode="json"))}, indent=1))
+        {"date": date, "experiment": experiment, "setting": base.flat()}, indent=1))
 
 
 def run_checkpoints(cfg: R2D3Config) -> list[dict]:
@@ -240,13 +230,6 @@ def eval_label(record: dict, checkpoint: dict) -> str:
     return f"{record['method']}-seed{record['seed']}@{checkpoint['global_step']}"
 
 
-def paired_gain(samples: list[dict], label: str, metric: str = "reward") -> tuple[float, float]:
-    """Mean and standard error over (prompt, seed) of run ``label``'s ``metric`` minus the base model's
-    (the samples are paired: the same prompt and initial noise)."""
-    base = {(s["prompt"], s["seed"]): s[metric] for s in samples if s["run"] == "base"}
-    return mean_se([s[metric] - base[(s["prompt"], s["seed"])] for s in samples if s["run"] == label])
-
-
 def evaluate_runs(base: R2D3Config, records: dict[str, dict], prompts: list[str]):
     """The base model and every kept checkpoint on ``prompts`` x ``EVAL_SEEDS``, in one ``evaluate``."""
     from r2d3ray.eval.metrics import RunSpec, evaluate
@@ -270,10 +253,10 @@ def point_metrics(evaluation, label: str, headroom: float) -> dict[str, dict]:
     summary = evaluation.summary[label]
     metrics = {k: _pair(summary[k]) for k in EVAL_METRICS if k in summary}
     if label != "base":
-        gain, gain_se = paired_gain(evaluation.samples, label)
+        gain, gain_se = mean_se(paired_differences(evaluation.samples, label, "reward"))
         metrics["reward_gain"] = _pair((gain, gain_se))
         metrics["headroom_closed"] = _pair((gain / headroom, gain_se / abs(headroom)))
-        metrics["silhouette_iou_gain"] = _pair(paired_gain(evaluation.samples, label, "silhouette_iou")) \
+        metrics["silhouette_iou_gain"] = _pair(mean_se(paired_differences(evaluation.samples, label, "silhouette_iou"))) \
             if "silhouette_iou" in summary else _pair((math.nan, math.nan))
     return metrics
 

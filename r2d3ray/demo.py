@@ -21,6 +21,7 @@ import torch
 
 from r2d3ray.config import R2D3Config, load_config
 from r2d3ray.eval.metrics import RunSpec, build_combined_reward, eval_cameras, evaluate
+from r2d3ray.eval.stats import paired_differences
 from r2d3ray.infer import build_pipeline, generate, write_outputs
 from r2d3ray.models.pipeline import render_views
 from r2d3ray.models.world import parse_prompt, split_prompts
@@ -47,13 +48,6 @@ def ground_truth_reward(cfg: R2D3Config, prompts: list[str]) -> torch.Tensor:
                              gaussian_convention=cfg.render.gaussian_convention)
         rewards.append(reward.score(views["images"], chunk, views).rewards)
     return torch.cat(rewards)
-
-
-def paired_gain(samples: list[dict], metric: str) -> torch.Tensor:
-    """Per (prompt, seed): the aligned model's ``metric`` minus the base model's (same noise)."""
-    by_run = {run: {(s["prompt"], s["seed"]): s[metric] for s in samples if s["run"] == run}
-              for run in ("base", "aligned")}
-    return torch.tensor([by_run["aligned"][key] - value for key, value in by_run["base"].items()], dtype=torch.float64)
 
 
 def write_pictures(cfg: R2D3Config, lora_dir: Path, prompts: list[str], seed: int) -> dict[str, list[Path]]:
@@ -86,7 +80,8 @@ def run_demo(config: str = "configs/toy.yaml", overrides: list[str] | None = Non
     evaluation = evaluate(cfg, [RunSpec("base"), RunSpec("aligned", lora_dir)], prompts, seeds,
                           batch_size=EVAL_BATCH_SIZE, max_pictures=0)
     before, after = evaluation.summary["base"], evaluation.summary["aligned"]
-    reward_gain, iou_gain = paired_gain(evaluation.samples, "reward"), paired_gain(evaluation.samples, "silhouette_iou")
+    reward_gain = paired_differences(evaluation.samples, "aligned", "reward")
+    iou_gain = paired_differences(evaluation.samples, "aligned", "silhouette_iou")
     reward_ground_truth = float(ground_truth_reward(cfg, prompts).mean())
     headroom = reward_ground_truth - before["reward"][0]
     summary = {

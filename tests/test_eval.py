@@ -38,6 +38,17 @@ def test_diversity_and_standard_error():
     assert (mean, se) == (2.0, pytest.approx(1 / math.sqrt(3)))
 
 
+def test_paired_differences_subtract_the_base_models_sample_of_the_same_prompt_and_seed():
+    from r2d3ray.eval.stats import paired_differences
+
+    samples = [{"run": run, "prompt": p, "seed": seed, "reward": value}
+               for run, values in (("base", [1.0, 2.0, 3.0, 4.0]), ("tuned", [1.5, 2.0, 3.5, 3.0]))
+               for (p, seed), value in zip([("a", 0), ("a", 1), ("b", 0), ("b", 1)], values)]
+    samples = samples[4:] + samples[:4]  # the order of the list does not pair them
+    torch.testing.assert_close(paired_differences(samples, "tuned", "reward"),
+                               torch.tensor([0.5, 0.0, 0.5, -1.0], dtype=torch.float64))
+
+
 def test_parse_runs(tiny_run, tmp_path):
     runs = parse_runs(f"{tiny_run / 'checkpoint_000002'},mine={tiny_run / 'checkpoint_000002' / 'lora'}")
     assert [r.label for r in runs] == ["base", "tiny-test@2", "mine"]
