@@ -50,7 +50,6 @@ import io
 import json
 import math
 import os
-import random
 import re
 import threading
 import time
@@ -63,10 +62,10 @@ import torch
 from PIL import Image
 
 from r2d3ray.errors import UserError
+from r2d3ray.retry import backoff_s
 from r2d3ray.rewards.base import RewardModel
 from r2d3ray.rewards.registry import register_reward
 
-MAX_BACKOFF_S = 30.0  # as the reward plane's client: a restarting server is polled at least this often
 RETRIED_STATUS = frozenset({408, 429})  # and every 5xx: the server's state, not the request, is at fault
 ERROR_BODY_CHARS = 300  # how much of a bad answer an error message quotes
 
@@ -215,8 +214,7 @@ class ExternalReward(RewardModel):
             try:
                 return self._attempt(client, url, payload)
             except _Transient as err:
-                # Full jitter, as the reward plane's client: concurrent requests do not come back in step.
-                wait_s = random.uniform(0.5, 1.0) * min(MAX_BACKOFF_S, self.backoff_s * 2 ** (attempt - 1))
+                wait_s = backoff_s(self.backoff_s, attempt)  # as the reward plane's client
                 wait_s = max(wait_s, err.retry_after_s or 0.0)
                 if time.monotonic() + wait_s - first_sent > self.retry_budget_s:
                     raise ExternalRewardError(

@@ -21,7 +21,6 @@ single-machine run without Serve): its requests have their answers before `submi
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Mapping
 
@@ -31,6 +30,7 @@ from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
                                   ReplicaUnavailableError)
 
 from r2d3ray.errors import UserError
+from r2d3ray.retry import backoff_s
 from r2d3ray.rewards.base import RewardOutput
 from r2d3ray.rewards.combiner import CombinedReward, RewardAnswer, RewardCombiner, ViewSelection
 from r2d3ray.serve.wire import GRAD_DTYPES, decode_answer, encode_views, object_store_anchor
@@ -40,7 +40,6 @@ from r2d3ray.serve.wire import GRAD_DTYPES, decode_answer, encode_views, object_
 # is not retried.
 TRANSIENT_ERRORS = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError,
                     TimeoutError)
-MAX_BACKOFF_S = 30.0
 
 
 class RewardPlaneError(UserError, RuntimeError):
@@ -87,8 +86,7 @@ class PendingRewards:
             except TRANSIENT_ERRORS as err:
                 if isinstance(err, TimeoutError):
                     response.cancel()  # not left running beside its replacement
-                # Full jitter: ranks that lost the same replica do not come back in step.
-                wait = random.uniform(0.5, 1.0) * min(MAX_BACKOFF_S, plane.backoff_s * 2 ** (self.attempts[name] - 1))
+                wait = backoff_s(plane.backoff_s, self.attempts[name])  # jittered: ranks that lost a replica spread out
                 if time.monotonic() + wait - self._sent > plane.retry_budget_s:
                     last = str(err).strip().splitlines()[-1] if str(err).strip() else ""
                     raise RewardPlaneError(
