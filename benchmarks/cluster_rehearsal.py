@@ -102,6 +102,13 @@ def wait_for(what: str, predicate, timeout_s: float, period_s: float = 0.5):
         time.sleep(period_s)
 
 
+def failure_excerpt(log: str, lines: int = 60) -> str:
+    """The end of a failed job's log from its last traceback on (at most ``lines`` lines), indented."""
+    tail = log.splitlines()
+    start = max((i for i, line in enumerate(tail) if "Traceback" in line), default=len(tail) - lines)
+    return "\n".join("    | " + line for line in tail[max(start, len(tail) - lines, 0):])
+
+
 def kill_tree(processes: list[psutil.Process]) -> int:
     """SIGKILL the processes and everything under them; the number killed."""
     everyone = {}
@@ -587,6 +594,8 @@ class Rehearsal:
         self.say(f"stopping the trainer node (checkpoint epochs {', '.join(f'{n} {at_kill[n][0]}' for n in running)})")
         killed_at = time.monotonic()
         killed = cluster.kill_node("trainer")
+        # A checkpoint being written while the node went down may have completed after the count above.
+        newest_at_kill = {name: self.checkpoint_epoch(name) for name in running}
         self.check("trainer node stopped mid-run", len(running) == len(self.runs) and killed > 0,
                    f"{killed} processes; runs training there: {', '.join(running) or 'none'} "
                    f"({len(workers_before)} workers, all there: {all(n == trainer_node for n, _ in workers_before.values())})")
@@ -613,8 +622,10 @@ class Rehearsal:
         wait_for("an epoch after the restart", watch_epochs, timeout_s=600, period_s=0.5)
         for name in self.runs.values():
             status = self.jobs.wait(name, timeout_s=900)
-            self.check(f"training job {name} succeeded", status == "SUCCEEDED",
-                       status if status == "SUCCEEDED" else f"{status}; see {self.logs / (name + '.log')}")
+            if not self.check(f"training job {name} succeeded", status == "SUCCEEDED",
+                              status if status == "SUCCEEDED" else f"{status}; see {self.logs / (name + '.log')}"):
+                # The log goes with the working directory; its end says why (in CI, only this output stays).
+                print(failure_excerpt(self.jobs.logs(name)), flush=True)
         for name in running:
             checkpoint, _, reported = at_kill[name]
             after = self.reported_epochs(name, new_workers[name])  # by the restarted worker group
@@ -626,8 +637,9 @@ class Rehearsal:
             after_kill = first_epoch_after.get(name)
             self.figures[f"first_epoch_after_kill_s_{name}"] = None if after_kill is None else round(after_kill, 1)
             self.figures[f"epochs_redone_{name}"] = redone
-            self.check(f"{name} resumed from its last checkpoint (epoch {checkpoint})",
-                       resumed_from == checkpoint and redone is not None and redone <= 1,
+            newest = newest_at_kill[name]
+            self.check(f"{name} resumed from its last checkpoint (epoch {checkpoint if newest == checkpoint else f'{checkpoint} or {newest}'})",
+                       resumed_from in (checkpoint, newest) and redone is not None and redone <= 1,
                        f"restarted from epoch {resumed_from}; new workers after {resumed[name]:.1f} s, next epoch "
                        f"logged after {'-' if after_kill is None else f'{after_kill:.1f}'} s; {redone} finished epochs redone "
                        "(checkpoint every epoch)")
@@ -710,6 +722,7 @@ class Rehearsal:
         for name in self.runs.values():
             runs = self.mlflow_runs(name)
             if not self.check(f"MLflow server holds one run {name}", len(runs) == 1, f"{len(runs)} runs"):
+                print(failure_excerpt(Path(self.mlflow.log.name).read_text(), lines=30), flush=True)
                 continue
             run = runs[0]
             steps = sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch"))

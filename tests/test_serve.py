@@ -487,6 +487,30 @@ def test_a_running_app_is_attached_only_when_it_serves_the_same_thing(plane):
         serve.delete("owned")
 
 
+def test_serve_start_is_repeated_while_a_slow_proxy_is_replaced(monkeypatch):
+    """On a loaded node Serve's controller replaces a proxy that missed its readiness checks, and the
+    serve.start call waiting for it fails: the deploy starts Serve again until its deadline."""
+    from r2d3ray.serve import deployments
+
+    calls = []
+
+    def flaky_start(http_options):
+        calls.append(http_options)
+        if len(calls) < 3:
+            raise ray.exceptions.GetTimeoutError("proxies not ready")
+
+    monkeypatch.setattr(deployments.serve, "start", flaky_start)
+    monkeypatch.setattr(deployments, "backoff_s", lambda base_s, attempt: 0.01)
+    cfg = load_reward_app_config(ROOT / "configs/rewards_toy.yaml")
+    deployments._start_serve(cfg, deadline=time.monotonic() + 60)
+    assert len(calls) == 3 and calls[-1] == {"host": cfg.http.host, "port": cfg.http.port}
+
+    calls.clear()
+    with pytest.raises(ray.exceptions.GetTimeoutError):  # past the deadline the error is the caller's
+        deployments._start_serve(cfg, deadline=time.monotonic())
+    assert len(calls) == 1
+
+
 def test_a_request_past_its_deadline_is_retried_until_the_budget_ends(plane):
     """The `batch_size` reward takes 0.5 s; with a 0.1 s deadline every attempt times out, is
     cancelled and re-sent, and once the 1 s budget is spent the error names the reward and deadlines."""

@@ -35,6 +35,7 @@ from ray import serve
 
 from r2d3ray.config import RewardAppConfig
 from r2d3ray.errors import UserError
+from r2d3ray.retry import backoff_s
 from r2d3ray.serve.wire import GRAD_DTYPES, encode_answer, object_store_anchor
 
 # Rewards compute in a worker thread, and glibc gives each thread an arena that hands freed
@@ -269,7 +270,7 @@ def deploy_rewards(cfg: RewardAppConfig, reuse: bool = True, timeout_s: float = 
                     "attach to it with the same reward app config, or deploy yours under another name "
                     "(app_name in the reward app config and rewards.app_name in the run config)")
             logger.warning("updating the reward app %r: %s", cfg.app_name, "; ".join(difference))
-        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+        _start_serve(cfg, deadline)
         serve.run(
             build_app(cfg),
             name=cfg.app_name,
@@ -277,6 +278,27 @@ def deploy_rewards(cfg: RewardAppConfig, reuse: bool = True, timeout_s: float = 
             blocking=False,
         )
         return True
+
+
+def _start_serve(cfg: RewardAppConfig, deadline: float) -> None:
+    """``serve.start``, repeated while a proxy dies or stays unready during start-up. On a loaded node
+    the Serve controller replaces a proxy that was slow to answer its readiness checks, and the
+    first call, which waits for the old proxy, fails; the next one finds the controller running."""
+    import ray
+
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+            return
+        except (ray.exceptions.ActorDiedError, ray.exceptions.GetTimeoutError) as err:
+            wait = backoff_s(2.0, attempt)
+            if time.monotonic() + wait > deadline:
+                raise
+            logger.warning("starting Serve for reward app %r: %s; trying again in %.1f s",
+                           cfg.app_name, str(err).splitlines()[0], wait)
+            time.sleep(wait)
 
 
 @contextlib.contextmanager
