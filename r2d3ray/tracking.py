@@ -78,6 +78,10 @@ class Tracker:
                 max_results=1, output_format="list",
             )
             run_id = found[0].info.run_id if found else None
+        # Made active by id: when two jobs create the experiment at once, the one that loses the race gets
+        # it back from mlflow.set_experiment(name) without it becoming MLflow's active experiment, and its
+        # run would land in "Default" (and a resume of that run fail on the experiment mismatch).
+        self._mlflow.set_experiment(experiment_id=self.experiment_id)
         run = self._mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags,
                                      log_system_metrics=system_metrics)
         self.run_id = run.info.run_id
