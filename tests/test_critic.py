@@ -19,7 +19,7 @@ from test_rewards_learned import check_directional_derivatives
 REPO = Path(__file__).resolve().parents[1]
 # Tiny settings for the training test: a bank of 2 views per kind, 3 steps of 4 pairs.
 TINY_TRAINING = dict(steps=3, batch_size=4, splat_views=2, exact_views=1, jitter_views=2, warmup_steps=1,
-                     widths=[8, 8], embed_dim=8, num_threads=None)
+                     widths=[8, 8], embed_dim=8, num_threads=None, gradient_penalty=10.0)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,25 @@ def test_training_is_deterministic(tmp_path):
     # The user's own checkpoint loads through the reward's kwarg.
     own = build_reward("tiny_critic", checkpoint=str(tmp_path / "a"))
     assert own.score(torch.rand(1, 1, 3, 64, 64), ["a red cube"]).values.shape == (1, 1)
+
+
+def test_gradient_penalty_is_the_squared_pixel_gradient_between_the_pairs():
+    """For a linear critic f(x) = <w, x> the gradient is w everywhere: the penalty is |w|², whatever
+    the pairs and the points drawn between them; for a quadratic one, |2 x̂|² at the drawn x̂."""
+    from r2d3ray.rewards.critic_train import interpolate_gradient_penalty
+
+    w = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    truth, fake = torch.rand(5, 3, 4, 4), torch.rand(5, 3, 4, 4)
+    words = torch.zeros(5, 4, dtype=torch.long)
+    penalty = interpolate_gradient_penalty(lambda x, _: (x * w).sum(dim=(1, 2, 3)), truth, fake, words,
+                                           torch.Generator().manual_seed(1))
+    torch.testing.assert_close(penalty, w.square().sum())
+
+    mix = torch.rand(5, 1, 1, 1, generator=torch.Generator().manual_seed(2))
+    between = mix * truth + (1 - mix) * fake
+    penalty = interpolate_gradient_penalty(lambda x, _: x.square().sum(dim=(1, 2, 3)), truth, fake, words,
+                                           torch.Generator().manual_seed(2))
+    torch.testing.assert_close(penalty, (2 * between).square().sum(dim=(1, 2, 3)).mean())
 
 
 def test_config_errors(tmp_path):

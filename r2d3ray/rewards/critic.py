@@ -21,8 +21,8 @@ the batch; SiLU, average pooling and the antialiased resize keep the score smoot
 which is what a reward gradient needs.
 
 The score of a view is the critic's logit: positive where it takes the view for a faithful render of
-the prompt, negative otherwise (on held-out prompts ground truth scores about +3, the negatives and
-the tiny prior's samples about −9: see ``r2d3ray/assets/tiny_critic/README.md``). A logit, not a probability, because a sigmoid
+the prompt, negative otherwise (on held-out prompts ground truth scores about +0.6, the negatives and
+the tiny prior's samples −2 to +0.3: see ``r2d3ray/assets/tiny_critic/README.md``). A logit, not a probability, because a sigmoid
 saturates on exactly the poor samples whose gradient the alignment needs.
 """
 
