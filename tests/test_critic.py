@@ -152,3 +152,18 @@ def test_cli_train_critic_is_listed_and_reports_a_missing_config(tmp_path, capsy
     assert "train-critic" in capsys.readouterr().out
     assert main(["train-critic", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "out")]) == 2
     assert "configs/tiny_critic.yaml" in capsys.readouterr().err
+
+
+def test_gradient_agreement_reports_pairwise_cosines_per_step():
+    from r2d3ray.eval.critic import format_report, gradient_agreement
+
+    critic = TinyCritic.load(TINY_CRITIC_DIR)
+    agreement = gradient_agreement(critic, num_samples=3, steps=(19, 5))
+    assert set(agreement) == {"step_19", "step_5"}
+    for cosine in agreement.values():
+        assert -1.0 <= cosine["min"] <= cosine["mean"] <= cosine["max"] <= 1.0
+    # The critic is frozen: measuring it leaves no gradient on it.
+    assert all(p.grad is None for p in critic.parameters())
+    report = format_report({"pairwise": {f: dict(accuracy=1.0, accuracy_se=0.0, negative_score=0.0) for f in FAMILIES}
+                            | {"ground_truth_score": 0.0}, "gradient_agreement": agreement})
+    assert "sampler step 19: mean" in report

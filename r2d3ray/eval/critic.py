@@ -8,8 +8,11 @@
   same views (a jittered rig like the training renders'): the mean score gap is what alignment
   on the critic can still gain.
 
-``python -m r2d3ray.eval.critic [--model DIR] [--out FILE]`` prints both (about 5 minutes on two CPU
-cores, most of it sampling the prior).
+* ``gradient_agreement`` (``--gradients``): whether its gradients on different samples agree enough
+  to train one LoRA for all prompts.
+
+``python -m r2d3ray.eval.critic [--model DIR] [--gradients] [--out FILE]`` prints them (under a minute
+on two CPU cores).
 """
 
 from __future__ import annotations
@@ -92,6 +95,46 @@ def prior_headroom(critic: TinyCritic, prompts: list[str], seeds=(0,), guidance_
     return dict(**out, num_views=truth.numel(), seeds=list(seeds), guidance_scale=guidance_scale, render_size=size)
 
 
+def gradient_agreement(critic: TinyCritic, num_samples: int = 8, steps=(19, 11), lora_rank: int = 8,
+                       seed: int = 3) -> dict:
+    """Whether the critic's gradients can train one LoRA for all prompts: for ``num_samples`` samples
+    of the tiny prior (a fresh LoRA added, 20 sampler steps at ``HEADROOM_GUIDANCE_SCALE``), the
+    gradient of each sample's mean critic score, rendered at x̂0 from x_t of sampler step k, on the
+    LoRA parameters; returns per step the mean, min and max pairwise cosine between samples.
+    Near 0: the samples pull the shared LoRA in unrelated directions (random-walk alignment)."""
+    from r2d3ray.models.loading import TINY_PRIOR_DIR
+    from r2d3ray.models.lora import add_lora_adapter
+    from r2d3ray.models.pipeline import SplatPipeline
+    from r2d3ray.models.schedulers import predict_x0
+    from r2d3ray.models.tiny import TinySplatGenerator
+    from r2d3ray.models.world import sample_prompts
+    from r2d3ray.render.cameras import default_rig
+
+    prior = TinySplatGenerator.from_pretrained(TINY_PRIOR_DIR).eval()
+    pipe = SplatPipeline(prior, 20, eta=1.0, guidance_scale=HEADROOM_GUIDANCE_SCALE)
+    add_lora_adapter(prior.denoiser, "policy", rank=lora_rank)
+    lora = [q for q in prior.denoiser.parameters() if q.requires_grad]
+    cameras = default_rig(prior.num_views, HEADROOM_RENDER_SIZE)
+    generator = torch.Generator().manual_seed(seed)
+    prompts = sample_prompts(num_samples, generator=generator)
+    with torch.no_grad():
+        rollout = pipe.sample(prompts, generator)
+    result = {}
+    for step in steps:
+        grads = []
+        for b, prompt in enumerate(prompts):
+            x_t, t = rollout.latents[b : b + 1, step], rollout.timesteps[step : step + 1]
+            output = prior.predict(x_t, t, prior.encode_prompts([prompt]), HEADROOM_GUIDANCE_SCALE)
+            x0 = predict_x0(prior.eps_from_output(output), x_t, t, pipe.sampler.alphas_cumprod)
+            images = pipe.render(x0, cameras)["images"][0]  # (V, 3, H, W)
+            value = critic(images, prompt_indices([prompt] * len(images))).mean()
+            grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(value, lora)]))
+        unit = torch.nn.functional.normalize(torch.stack(grads), dim=1)  # (N, P)
+        cosines = (unit @ unit.T)[~torch.eye(num_samples, dtype=torch.bool)]
+        result[f"step_{step}"] = dict(mean=cosines.mean().item(), min=cosines.min().item(), max=cosines.max().item())
+    return result
+
+
 def held_out_pairwise(critic: TinyCritic, seed: int = 1, pairs_per_prompt: int = 8) -> dict:
     """``pairwise_accuracy`` on the 64 held-out prompts, from a bank of views drawn with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
@@ -124,6 +167,10 @@ def format_report(result: dict) -> str:
             f"- headroom {h['headroom']:+.2f} ± {h['headroom_se']:.2f}; ground truth preferred on "
             f"{h['prefers_ground_truth']:.1%} of views",
         ]
+    if "gradient_agreement" in result:
+        lines.append("\nagreement of per-sample gradients on one LoRA (pairwise cosine, 8 samples):")
+        lines += [f"- sampler {step.replace('_', ' ')}: mean {c['mean']:+.3f} (min {c['min']:+.3f}, max {c['max']:+.3f})"
+                  for step, c in result["gradient_agreement"].items()]
     return "\n".join(lines)
 
 
@@ -131,10 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m r2d3ray.eval.critic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", metavar="DIR", default=str(TINY_CRITIC_DIR), help="a critic directory (default: the committed one)")
     parser.add_argument("--seeds", type=int, default=1, help="prior seeds per held-out prompt for the headroom (0 skips it)")
+    parser.add_argument("--gradients", action="store_true",
+                        help="also measure how well per-sample gradients agree on one LoRA (gradient_agreement)")
     parser.add_argument("--out", metavar="FILE", help="also write the numbers as JSON")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    result = evaluate_critic(TinyCritic.load(args.model), headroom_seeds=tuple(range(args.seeds)))
+    critic = TinyCritic.load(args.model)
+    result = evaluate_critic(critic, headroom_seeds=tuple(range(args.seeds)))
+    if args.gradients:
+        result["gradient_agreement"] = gradient_agreement(critic)
     print(format_report(result))
     print(f"\n({time.perf_counter() - started:.0f} s)")
     if args.out:
