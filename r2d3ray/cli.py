@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the embedded default end to end: align the tiny prior, then compare before/after")
     add_config_args(demo, required=False)
-    demo.set_defaults(func=cmd_demo, config="configs/toy.yaml")
+    demo.set_defaults(func=cmd_demo, config="configs/toy_critic.yaml")
 
     compare = sub.add_parser(
         "compare", help="train every algorithm on one budget, several seeds, one MLflow experiment; report side by side",
@@ -217,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "report/. A re-run with the same --out skips the finished runs. See r2d3ray/compare.py.",
     )
     add_config_args(compare, required=False,
-                    what="the base run config (default: configs/toy.yaml aligned to the tiny critic, with "
-                         "algorithm.nabla.reward_scale=1000)")
+                    what="the base run config (default: configs/toy_critic.yaml, the embedded default aligned "
+                         "to the tiny critic)")
     compare.add_argument("--methods", default="nabla,nft,grpo,reward_backprop", metavar="LIST",
                          help="comma-separated algorithms (default: nabla,nft,grpo,reward_backprop)")
     compare.add_argument("--seeds", type=int, default=2, metavar="N", help="training seeds 0..N-1 per method (default 2)")

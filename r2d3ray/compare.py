@@ -4,7 +4,7 @@
                     [--out DIR] [--experiment NAME] [--set k=v ...]
 
 For each method x seed the driver derives a run config from one base config (default:
-``configs/toy.yaml`` aligned to the learned critic ``tiny_critic``) that differs only in
+``configs/toy_critic.yaml``, the embedded default aligned to the learned critic) that differs only in
 ``algorithm.name``, ``training.seed`` and the name ``compare-<method>-seed<k>-<date>``, so every run
 samples the same number of trajectories per epoch for the same number of epochs and takes the same
 optimizer steps (checked before anything trains). The runs train one after another on one Ray
@@ -45,10 +45,8 @@ from r2d3ray.errors import UserError
 from r2d3ray.eval.stats import mean_se, paired_differences
 
 METHODS = ("nabla", "nft", "grpo", "reward_backprop")
-DEFAULT_CONFIG = "configs/toy.yaml"
-# Without --config: the embedded default aligned to the learned critic. β 1000 is the Nabla-R2D3 scale
-# the critic runs in the README measured best; the group-relative methods normalise rewards themselves.
-DEFAULT_OVERRIDES = ["rewards.terms=[{name: tiny_critic, weight: 1.0}]", "algorithm.nabla.reward_scale=1000"]
+# Without --config: the embedded default aligned to the learned critic, `make demo`'s setting.
+DEFAULT_CONFIG = "configs/toy_critic.yaml"
 # Without --config or --epochs: the budget that fits 40 minutes on an idle 2-core CPU machine
 # (README, "Comparing the algorithms").
 DEFAULT_EPOCHS = 10
@@ -102,8 +100,7 @@ def base_config(config: str | None, overrides: list[str], epochs: int | None) ->
     critic) with the overrides, ``epochs`` trained epochs and a checkpoint at every evaluation point."""
     if epochs is not None and epochs < 1:
         raise CompareError(f"--epochs {epochs}: expected at least 1")
-    defaults = DEFAULT_OVERRIDES if config is None else []
-    cfg = load_config(config or DEFAULT_CONFIG, [*defaults, *overrides])
+    cfg = load_config(config or DEFAULT_CONFIG, overrides)
     if epochs is None and config is None and not any(o.partition("=")[0].strip() == "training.epochs" for o in overrides):
         epochs = DEFAULT_EPOCHS
     epochs = epochs or cfg.training.epochs

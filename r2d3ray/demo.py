@@ -1,7 +1,9 @@
 """`make demo`: the main job on the embedded default, end to end on a machine without a GPU.
 
 Local Ray, the embedded rewards deployed as a Serve app, a TorchTrainer with 2 CPU workers and
-DeepSpeed ZeRO-2 aligning the committed tiny prior with Nabla-R2D3, MLflow in a local sqlite store.
+DeepSpeed ZeRO-2 aligning the committed tiny prior with Nabla-R2D3 to the learned 2D critic
+(``configs/toy_critic.yaml``; ``--config configs/toy.yaml`` aligns it to ``color_match`` instead),
+MLflow in a local sqlite store.
 It ends with what a user needs to judge the run: where the MLflow run is and how to open it,
 before/after pictures and PLY files, and, measured by ``eval.metrics.evaluate`` on the held-out
 prompts with the same seeds before and after: the reward and the share of its headroom closed
@@ -62,7 +64,7 @@ def write_pictures(cfg: R2D3Config, lora_dir: Path, prompts: list[str], seed: in
     return pictures
 
 
-def run_demo(config: str = "configs/toy.yaml", overrides: list[str] | None = None) -> dict:
+def run_demo(config: str = "configs/toy_critic.yaml", overrides: list[str] | None = None) -> dict:
     started = time.monotonic()
     cfg = load_config(config, overrides)
     if not any(o.partition("=")[0].strip() == "name" for o in overrides or []):
