@@ -56,6 +56,17 @@ def pairwise_accuracy(critic: TinyCritic, bank: RenderBank, prompts: list[str], 
     return result
 
 
+def tiny_prior_pipeline(guidance_scale: float = HEADROOM_GUIDANCE_SCALE):
+    """The committed tiny prior (eval mode) in a 20-step SDE-DPM-Solver++ ``SplatPipeline``, the sampler
+    ``configs/toy.yaml`` aligns."""
+    from r2d3ray.models.loading import TINY_PRIOR_DIR
+    from r2d3ray.models.pipeline import SplatPipeline
+    from r2d3ray.models.tiny import TinySplatGenerator
+
+    return SplatPipeline(TinySplatGenerator.from_pretrained(TINY_PRIOR_DIR).eval(), 20, eta=1.0,
+                         guidance_scale=guidance_scale)
+
+
 @torch.no_grad()
 def prior_headroom(critic: TinyCritic, prompts: list[str], seeds=(0,), guidance_scale: float = HEADROOM_GUIDANCE_SCALE,
                    size: int = HEADROOM_RENDER_SIZE, batch_size: int = 64) -> dict:
@@ -66,14 +77,11 @@ def prior_headroom(critic: TinyCritic, prompts: list[str], seeds=(0,), guidance_
     where the ground truth scores higher.
     """
     from r2d3ray.infer import generate
-    from r2d3ray.models.loading import TINY_PRIOR_DIR
-    from r2d3ray.models.pipeline import SplatPipeline
-    from r2d3ray.models.tiny import TinySplatGenerator
     from r2d3ray.render.cameras import jittered_rig
     from r2d3ray.render.rasterize import render_splats
 
-    prior = TinySplatGenerator.from_pretrained(TINY_PRIOR_DIR).eval()
-    pipe = SplatPipeline(prior, 20, eta=1.0, guidance_scale=guidance_scale)
+    pipe = tiny_prior_pipeline(guidance_scale)
+    prior = pipe.generator
     truth_scores, prior_scores = [], []
     for seed in seeds:
         views = torch.Generator().manual_seed(10_000 + seed)
@@ -102,16 +110,13 @@ def gradient_agreement(critic: TinyCritic, num_samples: int = 8, steps=(19, 11),
     gradient of each sample's mean critic score, rendered at x̂0 from x_t of sampler step k, on the
     LoRA parameters; returns per step the mean, min and max pairwise cosine between samples.
     Near 0: the samples pull the shared LoRA in unrelated directions (random-walk alignment)."""
-    from r2d3ray.models.loading import TINY_PRIOR_DIR
     from r2d3ray.models.lora import add_lora_adapter
-    from r2d3ray.models.pipeline import SplatPipeline
     from r2d3ray.models.schedulers import predict_x0
-    from r2d3ray.models.tiny import TinySplatGenerator
     from r2d3ray.models.world import sample_prompts
     from r2d3ray.render.cameras import default_rig
 
-    prior = TinySplatGenerator.from_pretrained(TINY_PRIOR_DIR).eval()
-    pipe = SplatPipeline(prior, 20, eta=1.0, guidance_scale=HEADROOM_GUIDANCE_SCALE)
+    pipe = tiny_prior_pipeline()
+    prior = pipe.generator
     add_lora_adapter(prior.denoiser, "policy", rank=lora_rank)
     lora = [q for q in prior.denoiser.parameters() if q.requires_grad]
     cameras = default_rig(prior.num_views, HEADROOM_RENDER_SIZE)
