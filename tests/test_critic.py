@@ -160,6 +160,7 @@ def test_gradient_agreement_reports_pairwise_cosines_per_step():
     critic = TinyCritic.load(TINY_CRITIC_DIR)
     agreement = gradient_agreement(critic, num_samples=3, steps=(19, 5))
     assert set(agreement) == {"step_19", "step_5"}
+    assert gradient_agreement(critic, num_samples=3, steps=(19, 5)) == agreement  # the LoRA's init is seeded
     for cosine in agreement.values():
         assert -1.0 <= cosine["min"] <= cosine["mean"] <= cosine["max"] <= 1.0
     # The critic is frozen: measuring it leaves no gradient on it.

@@ -117,7 +117,9 @@ def gradient_agreement(critic: TinyCritic, num_samples: int = 8, steps=(19, 11),
 
     pipe = tiny_prior_pipeline()
     prior = pipe.generator
-    add_lora_adapter(prior.denoiser, "policy", rank=lora_rank)
+    with torch.random.fork_rng():  # the LoRA's random init decides the gradients: seeded, and the caller's RNG untouched
+        torch.manual_seed(seed)
+        add_lora_adapter(prior.denoiser, "policy", rank=lora_rank)
     lora = [q for q in prior.denoiser.parameters() if q.requires_grad]
     cameras = default_rig(prior.num_views, HEADROOM_RENDER_SIZE)
     generator = torch.Generator().manual_seed(seed)
