@@ -129,6 +129,10 @@ class NablaConfig(Section):
     # The full ∇-GFlowNet (a learned residual flow, reverse and terminal losses): its loss is in
     # r2d3ray/algorithms/nabla.py, but no training loop drives it; a run config with it on is rejected.
     learned_flow: bool = False
+    # Where the forward residual is measured: "score" (the reference) ‖s_θ − s_ref − β·w·∇R‖², or
+    # "mean", the same residual times std², ‖μ_θ − μ_ref − std²·β·w·∇R‖²: the same fixed point, but
+    # the near-noiseless last transition (score per unit ε ~200x the others') no longer outweighs the rest.
+    residual_space: Literal["score", "mean"] = "score"
     reverse_loss_scale: float = Field(1.0, ge=0.0)
 
 

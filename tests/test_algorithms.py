@@ -86,6 +86,21 @@ def test_nabla_forward_loss_hand_computed(mode, expected):
     assert terms["loss_forward"].item() == pytest.approx(expected)
 
 
+def test_nabla_mean_space_residual_hand_computed():
+    # The "squared" case above, two samples with std 0.5 and 2: each score residual (0, 3) times std²:
+    # (0, 0.75) → 0.28125 and (0, 12) → 72, mean 36.140625. The same zero: s_θ on target gives 0.
+    algo = _nabla(reward_scale=2.0, residual_space="mean")
+    score_policy, score_ref = torch.tensor([[1.0, 2.0]] * 2), torch.tensor([[0.5, -1.0]] * 2)
+    reward_grad, alpha_bar = torch.tensor([[1.0, 0.0]] * 2), torch.tensor([0.25, 0.25])
+    std = torch.tensor([[0.5], [2.0]])  # (B, 1), as TransitionScores.std
+    loss, terms = algo.loss(score_policy, score_ref, reward_grad, alpha_bar, std=std)
+    assert loss.item() == pytest.approx(36.140625)
+    on_target = torch.tensor([[1.0, -1.0]] * 2)
+    assert algo.loss(on_target, score_ref, reward_grad, alpha_bar, std=std)[0].item() == 0.0
+    with pytest.raises(ValueError, match="std"):
+        algo.loss(score_policy, score_ref, reward_grad, alpha_bar)
+
+
 def test_nabla_output_regulariser_and_norm_clip_hand_computed():
     # ‖β∇R‖ = ‖(3, 4)‖ = 5 clipped to 1 → (0.6, 0.8), × ᾱ = 0.5 → (0.3, 0.4); s_ref = 0, s_θ = 0:
     # forward = (0.09 + 0.16)/2 = 0.125. Output regulariser: mean((1,1) − (0,1))² = 0.5, × 10 = 5.
@@ -213,6 +228,8 @@ def test_nabla_config_and_inputs_are_validated():
         NablaConfig(reward_adaptive_scaling="cubic")
     with pytest.raises(ValueError, match="trajectories"):
         NablaConfig(trajectories="old")
+    with pytest.raises(ValueError, match="residual_space"):
+        NablaConfig(residual_space="noise")
     with pytest.raises(ValueError, match="reward_norm_value"):
         NablaConfig(reward_norm_clip=True, reward_norm_value=-1.0)
     with pytest.raises(ValueError, match="learned_flow"):

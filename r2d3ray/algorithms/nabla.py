@@ -53,6 +53,13 @@ Departures from the reference, on purpose:
   pick guarantees (the final step is every sample's column 0).
 - The reward gradient of the reverse loss gets the same norm clip as the forward one (nabla-gfn has
   no clip, R2D3 no reverse loss).
+- ``residual_space="mean"`` (off by default) measures the forward residual in the transition's mean,
+  ‖μ_θ − μ_ref − std²·β·w(ᾱ)·∇R‖², i.e. each transition's score residual weighted by std⁴. The fixed
+  point is the same; what changes is which transitions drive the gradient. In score space a change
+  Δε of the network moves the score by (∂μ/∂ε)/std² · Δε, which on the 20-step SDE-DPM-Solver++
+  schedule is 1.3–7 for the first 19 steps and 265 for the last, near-noiseless one: that transition
+  outweighs all others by about 1000x in the squared loss, though what it can change in a sample is
+  small. In mean space every step weighs 0.2–0.6 per unit Δε.
 - ``reward_adaptive_scaling`` merges the reference's bool and mode into one field; only the L2 loss.
 """
 
@@ -220,7 +227,7 @@ class NablaR2D3:
     def loss(self, score_policy: torch.Tensor, score_ref: torch.Tensor, reward_grad_prev: torch.Tensor,
              alpha_bar_prev: torch.Tensor, model_output: torch.Tensor | None = None,
              model_output_sampled: torch.Tensor | None = None,
-             flow: FlowTerms | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             flow: FlowTerms | None = None, std: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one batch of transitions x_t → x_{t-1}, and its named terms (detached scalars).
 
         score_policy: (B, ...) s_θ(x_{t-1}|x_t), graph to θ.
@@ -230,6 +237,8 @@ class NablaR2D3:
         model_output / model_output_sampled: (B, ...) raw network output at x_t now (graph to θ) and as
             recorded while sampling; both None when ``unet_reg_scale == 0``.
         flow: the learned-flow inputs, required iff ``config.learned_flow``.
+        std: (B,) or (B, 1, ...) the transitions' noise scale (``TransitionScores.std``), required when
+            ``config.residual_space == "mean"``.
 
         Returns the mean over samples of the per-sample loss (elementwise means inside), so the caller
         divides by its accumulation count only.
@@ -247,7 +256,13 @@ class NablaR2D3:
             # At the terminal state the residual flow is exactly βR, so no learned correction there.
             not_final = _per_sample(~flow.is_final, target)
             target = target + not_final * flow.flow_prev
-        per_sample = _per_sample_mean((score_policy.float() - target) ** 2)
+        forward_residual = score_policy.float() - target
+        if cfg.residual_space == "mean":
+            if std is None:
+                raise ValueError("std (the transitions' noise scale) is required when residual_space='mean'")
+            # (μ_θ − μ_ref) − std²·β·w·∇R, since s_θ − s_ref = (μ_θ − μ_ref)/std²
+            forward_residual = forward_residual * _per_sample(std.reshape(-1), forward_residual) ** 2
+        per_sample = _per_sample_mean(forward_residual**2)
         terms = {"loss_forward": per_sample.mean()}
 
         if cfg.unet_reg_scale > 0:
