@@ -25,7 +25,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/r2d3ray demo
 
-# Every algorithm on one budget, 2 seeds each, one MLflow experiment; writes outputs/compare/ (25 min on 2 idle CPU cores).
+# Every algorithm on one budget, 2 seeds each, one MLflow experiment; writes outputs/compare/ (26 min on 2 idle CPU cores).
 compare: $(STAMP)
 	$(BIN)/r2d3ray compare
 
