@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
+
+import numpy as np
 
 WARM_UP_CALLS = 20
 
@@ -30,8 +31,7 @@ def timed(call, calls: int) -> dict:
         start = time.perf_counter()
         call()
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return {"p50_ms": statistics.median(times), "p95_ms": times[int(0.95 * (calls - 1))], "calls": calls}
+    return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)), "calls": calls}
 
 
 def run(calls: int) -> dict:

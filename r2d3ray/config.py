@@ -131,7 +131,7 @@ class NablaConfig(Section):
     learned_flow: bool = False
     # Where the forward residual is measured: "score" (the reference) ‖s_θ − s_ref − β·w·∇R‖², or
     # "mean", the same residual times std², ‖μ_θ − μ_ref − std²·β·w·∇R‖²: the same fixed point, but
-    # the near-noiseless last transition (score per unit ε ~200x the others') no longer outweighs the rest.
+    # the near-noiseless last transition (score per unit ε 40–200x the others') no longer outweighs the rest.
     residual_space: Literal["score", "mean"] = "score"
     reverse_loss_scale: float = Field(1.0, ge=0.0)
 

@@ -261,7 +261,7 @@ class NablaR2D3:
             if std is None:
                 raise ValueError("std (the transitions' noise scale) is required when residual_space='mean'")
             # (μ_θ − μ_ref) − std²·β·w·∇R, since s_θ − s_ref = (μ_θ − μ_ref)/std²
-            forward_residual = forward_residual * _per_sample(std.reshape(-1), forward_residual) ** 2
+            forward_residual = forward_residual * _per_sample(std, forward_residual) ** 2
         per_sample = _per_sample_mean(forward_residual**2)
         terms = {"loss_forward": per_sample.mean()}
 

@@ -261,14 +261,13 @@ class NablaUpdates(Algorithm):
             idx, x_t, x_prev, t, t_prev = transition(k)
             # 1. The policy's score of the sampled transition (with grad), beside the reference's.
             out_policy = policy.predict(x_t, t, cond, guidance)
-            scored = transition_scores(sampler, policy.eps_from_output(out_policy), idx, x_t, x_prev)
-            score_policy = scored.score
+            policy_step = transition_scores(sampler, policy.eps_from_output(out_policy), idx, x_t, x_prev)
             # 2. The forward-looking reward gradient at x_{t-1}, pulled back through renderer and x̂0.
             reward_grad = rewards.take().gradient_at_x_prev()
             rewards.send_next()  # transition k+1's reward is computed during this backward
             # 3. Residual ∇-DB with the output regulariser.
-            loss, terms = self.algo.loss(score_policy, scores_ref[k], reward_grad, sampler.alphas_cumprod_at(t_prev),
-                                         out_policy, trajectories.outputs[rows, idx], std=scored.std)
+            loss, terms = self.algo.loss(policy_step.score, scores_ref[k], reward_grad, sampler.alphas_cumprod_at(t_prev),
+                                         out_policy, trajectories.outputs[rows, idx], std=policy_step.std)
             run.step(loss)
             run.record(terms)
 
