@@ -1,6 +1,10 @@
 """The reward interface (validation, float32, gradients, non-finite handling), the registry, building
 an app config's rewards, and the combiner (weights, aggregation, memory-efficient views, noise)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -183,6 +187,27 @@ def test_registry_builds_known_names_and_lists_them_for_unknown_ones():
         build_reward("hsp")
     with pytest.raises(ValueError, match="already registered"):
         register_reward("test_contrast")(Brightness)
+
+
+def test_a_script_run_as_main_and_imported_by_name_registers_its_reward_once(tmp_path):
+    # A benchmark script defines its reward and its replicas import it as `bench_x:name`; run as a
+    # script, the driver imports it a second time under its module name.
+    script = tmp_path / "bench_x.py"
+    script.write_text(
+        "from r2d3ray.rewards.base import RewardModel\n"
+        "from r2d3ray.rewards.registry import build_reward, register_reward\n"
+        "@register_reward('bench_x_mean')\n"
+        "class Mean(RewardModel):\n"
+        "    name = 'bench_x_mean'\n"
+        "    def forward(self, images, prompts, extras):\n"
+        "        return images.mean((2, 3, 4))\n"
+        "if __name__ == '__main__':\n"
+        "    print(type(build_reward('bench_x:bench_x_mean')).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Mean"
 
 
 def test_a_reward_from_another_package_is_named_module_colon_name(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ serve) in this process. Weighting several of them into one objective is r2d3ray/
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -39,12 +40,23 @@ def register_reward(name: str):
     """Class/factory decorator: ``@register_reward("hps")`` makes ``build_reward("hps", ...)`` call it."""
 
     def decorator(factory):
-        if _REGISTRY.get(name, factory) is not factory:
+        if not _same_definition(_REGISTRY.get(name, factory), factory):
             raise ValueError(f"reward name {name!r} is already registered to {_REGISTRY[name]!r}")
         _REGISTRY[name] = factory
         return factory
 
     return decorator
+
+
+def _same_definition(a: Callable, b: Callable) -> bool:
+    """One definition seen twice: a script run as `__main__` that is also imported under its own
+    module name (a benchmark whose replica imports it by `file:reward`) defines its class twice."""
+    if a is b:
+        return True
+    try:
+        return a.__qualname__ == b.__qualname__ and inspect.getsourcefile(a) == inspect.getsourcefile(b)
+    except (AttributeError, TypeError):  # builtins and objects without a source file
+        return False
 
 
 def available_rewards() -> list[str]:
