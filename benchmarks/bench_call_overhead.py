@@ -43,22 +43,11 @@ def timed(call, calls: int) -> dict:
     return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)), "calls": calls}
 
 
-def copy_floor_ms(nbytes: int, repeats: int = 10) -> float:
-    """Milliseconds to copy `nbytes` once between buffers larger than the caches (median of repeats),
-    as bench_rewards.py measures its floor."""
-    size = max(nbytes, 64 * 2**20) // 4
-    src, dst = np.ones(size, np.float32), np.empty(size, np.float32)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - start)
-    return 1e3 * nbytes / (4 * size / float(np.median(times)))
-
-
 def run(calls: int, payload_bytes: int) -> dict:
     import ray
     from ray import serve
+
+    from bench_rewards import copy_bandwidth  # the floor as the reward benchmark measures it
 
     # The workers at the driver's priority, as bench_rewards.py runs them (Ray starts them niced).
     os.environ["RAY_worker_niceness"] = "0"
@@ -94,7 +83,7 @@ def run(calls: int, payload_bytes: int) -> dict:
         serve.shutdown()
     finally:
         ray.shutdown()
-    floor = copy_floor_ms(2 * payload_bytes)
+    floor = 1e3 * 2 * payload_bytes / copy_bandwidth()  # ms to copy the request's bytes, in and out, once
     return {"rows": rows, "payload_bytes": payload_bytes, "copy_floor_ms": floor, "target_ms": 3 * floor,
             "machine": platform.node(), "cpu_count": os.cpu_count(), "ray": ray.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M")}
